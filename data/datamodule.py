@@ -1,0 +1,194 @@
+"""The one LightningDataModule every method trains on.
+
+It owns the edit/out-of-scope split (so every method edits the same facts and never sees an
+evaluation prompt) and serves two streams, combined with `max_size_cycle`:
+
+- `edit`: the edited records (shuffled each epoch),
+- `out`: out-of-scope prompts from records that are not edited (cycled).
+
+`connect(tokenizer)` makes batches carry LLM tensors as well as text: teacher-forced
+`prompt + " " + target` for edits and left-padded prompts for out-of-scope rows. Without a
+tokenizer (memory pretraining tokenises with its own encoder tokenizer) batches are text only.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.readers import BUNDLED_DEFAULTS, bundled_path, read_records
+from data.records import EditRecord, IrrelevantRecord, content_hash
+from data.splits import EditSplit, make_split, split_stats
+
+
+class _Indexed(Dataset):
+    def __init__(self, items: Sequence):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return i, self.items[i]
+
+
+class CyclingSampler(Sampler[int]):
+    """`num_samples` indices per epoch from an endless sequence of seeded shuffles of `size` items.
+
+    The out-of-scope stream is usually longer or shorter than the edit set; the edit set defines
+    the epoch and this stream just keeps cycling, continuing where the last epoch stopped.
+    """
+
+    def __init__(self, size: int, num_samples: int, seed: int):
+        self.size, self.num_samples, self.seed = size, num_samples, seed
+        self._round, self._order, self._pos = 0, [], 0
+
+    def _next(self) -> int:
+        if self._pos >= len(self._order):
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._round)
+            self._order, self._pos, self._round = torch.randperm(self.size, generator=gen).tolist(), 0, self._round + 1
+        self._pos += 1
+        return self._order[self._pos - 1]
+
+    def __iter__(self):
+        return iter([self._next() for _ in range(self.num_samples)])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Shuffled batches of items of similar length (fresh every epoch, seeded).
+
+    Teacher-forced answers are padded to the longest one in the batch; grouping by length
+    wastes less compute on padding. Items are shuffled, cut into windows of `window` batches,
+    sorted by length inside a window, batched, and the batches shuffled again.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 8):
+        self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
+        self.epoch = 0
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i])
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        return iter([batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()])
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+
+class EditDataModule(L.LightningDataModule):
+    def __init__(self, name: str = "zsre", path: str | None = None, pool_path: str | None = None,
+                 num_edits: int = 200, seed: int = 0, order: str = "random",
+                 out_of_scope_sources: Sequence[str] = ("prompt", "loc"), max_out_of_scope: int | None = None,
+                 batch_size: int = 16, out_batch_size: int | None = None, num_workers: int = 0,
+                 dedupe: bool = True, drop_empty_targets: bool = False):
+        super().__init__()
+        self.name, self.path, self.pool_path = name, path, pool_path
+        self.num_edits, self.seed, self.order = num_edits, seed, order
+        self.out_of_scope_sources, self.max_out_of_scope = tuple(out_of_scope_sources), max_out_of_scope
+        self.batch_size, self.out_batch_size = batch_size, out_batch_size or batch_size
+        self.num_workers, self.dedupe, self.drop_empty_targets = num_workers, dedupe, drop_empty_targets
+        self.tokenizer = None
+        self.max_prompt_tokens, self.max_target_tokens = 256, 32
+        self._split: EditSplit | None = None
+
+    # ---- the split ------------------------------------------------------------------------
+    def resolved_path(self) -> Path:
+        if self.path:
+            return Path(self.path).expanduser()
+        if self.name not in BUNDLED_DEFAULTS:
+            raise ValueError(f"No bundled data named {self.name!r}; pass data.path=FILE or use one of "
+                             f"{sorted(k for k in BUNDLED_DEFAULTS if not k.endswith('_pool'))}.")
+        return bundled_path(BUNDLED_DEFAULTS[self.name])
+
+    def _pool(self) -> list[EditRecord]:
+        path = self.pool_path
+        if path is None and not self.path and f"{self.name}_pool" in BUNDLED_DEFAULTS:
+            path = bundled_path(BUNDLED_DEFAULTS[f"{self.name}_pool"])
+        return read_records(path, self.name, dedupe=self.dedupe) if path else []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._split is None:
+            records = read_records(self.resolved_path(), self.name, dedupe=self.dedupe,
+                                   drop_empty_targets=self.drop_empty_targets)
+            self._split = make_split(records, self.num_edits, self.seed, self.out_of_scope_sources,
+                                     self.max_out_of_scope, self.order, pool=self._pool())
+
+    @property
+    def split(self) -> EditSplit:
+        self.setup()
+        return self._split  # type: ignore[return-value]
+
+    @property
+    def edits(self) -> tuple[EditRecord, ...]:
+        return self.split.edits
+
+    @property
+    def out_of_scope(self) -> tuple[IrrelevantRecord, ...]:
+        return self.split.out_of_scope
+
+    def facts_hash(self) -> str:
+        return content_hash(self.edits)
+
+    def stats(self) -> dict:
+        return {"dataset": self.name, "data_path": str(self.resolved_path()), **split_stats(self.split)}
+
+    # ---- batches --------------------------------------------------------------------------
+    def connect(self, tokenizer=None, max_prompt_tokens: int = 256, max_target_tokens: int = 32,
+                batch_size: int | None = None, out_batch_size: int | None = None) -> None:
+        """Attach the tokenizer of the model being trained (None: text-only batches)."""
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens, self.max_target_tokens = max_prompt_tokens, max_target_tokens
+        if batch_size:
+            self.batch_size = batch_size
+        if out_batch_size:
+            self.out_batch_size = out_batch_size
+
+    def _collate_edits(self, rows: list[tuple[int, EditRecord]]) -> dict:
+        from mindbridge.tokenization import teacher_forced_batch
+        batch = {"index": torch.tensor([i for i, _ in rows]), "prompt": [r.prompt for _, r in rows],
+                 "target": [r.target_new for _, r in rows], "subject": [r.subject for _, r in rows]}
+        if self.tokenizer is not None:
+            batch["tf"] = teacher_forced_batch(self.tokenizer, batch["prompt"], batch["target"],
+                                               self.max_prompt_tokens, self.max_target_tokens)
+        return batch
+
+    def _collate_out(self, rows: list[tuple[int, IrrelevantRecord]]) -> dict:
+        from mindbridge.tokenization import prompt_batch
+        batch = {"index": torch.tensor([i for i, _ in rows]), "prompt": [r.prompt for _, r in rows],
+                 "answer": [r.answer for _, r in rows]}
+        if self.tokenizer is not None:
+            batch["input_ids"], batch["attention_mask"] = prompt_batch(self.tokenizer, batch["prompt"],
+                                                                       self.max_prompt_tokens)
+        return batch
+
+    def edit_dataloader(self) -> DataLoader:
+        """Edits in shuffled batches of similar target length (a length proxy: characters)."""
+        sampler = LengthGroupedBatches([len(r.target_new) for r in self.edits], self.batch_size, self.seed)
+        return DataLoader(_Indexed(self.edits), batch_sampler=sampler, collate_fn=self._collate_edits,
+                          num_workers=self.num_workers)
+
+    def out_dataloader(self) -> DataLoader:
+        if not self.out_of_scope:
+            raise ValueError("The split has no out-of-scope prompts; every record was edited. "
+                             "Lower data.num_edits or add data.pool_path=FILE.")
+        steps = -(-len(self.edits) // self.batch_size)          # batches in one pass over the edits
+        sampler = CyclingSampler(len(self.out_of_scope), steps * self.out_batch_size, self.seed + 1)
+        return DataLoader(_Indexed(self.out_of_scope), batch_size=self.out_batch_size, sampler=sampler,
+                          collate_fn=self._collate_out, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> CombinedLoader:
+        # Both loaders yield the same number of batches: one epoch is one pass over the edits.
+        return CombinedLoader({"edit": self.edit_dataloader(), "out": self.out_dataloader()}, mode="min_size")

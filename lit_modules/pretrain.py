@@ -1,0 +1,90 @@
+"""Stage I as a LightningModule: write the facts into the memory encoder."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from lit_modules.common import TrainableOnlyCheckpoint, warmup_cosine
+from mindbridge.encoder import MemoryEncoder
+from mindbridge.pretraining import MemoryWriter, associate_batch, inject_batch
+
+
+class MemoryPretrainModule(TrainableOnlyCheckpoint):
+    """L_pre = λ1·L_inject + λ2·L_associate + λ3·L_exist with the official phase curriculum.
+
+    Epochs [0, inject_epochs): inject only, E_m trains. Next `heads_epochs`: all losses, E_m
+    frozen (H and Q_M catch up). Then all losses, everything trains. `joint_from_start` skips
+    the curriculum (the paper's single summed objective).
+    """
+
+    def __init__(self, encoder: MemoryEncoder, lambda_inject: float = 1.0, lambda_associate: float = 1.0,
+                 lambda_exist: float = 1.0, inject_epochs: int = 10, heads_epochs: int = 2,
+                 joint_epochs: int = 20, joint_from_start: bool = False, lr: float = 2e-4,
+                 weight_decay: float = 0.01, warmup_fraction: float = 0.05, span_mask_prob: float = 0.5,
+                 word_mask_prob: float = 0.1, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.writer = MemoryWriter(encoder)
+        self.rng = random.Random(seed)
+
+    @property
+    def encoder(self) -> MemoryEncoder:
+        return self.writer.encoder
+
+    def trainable_prefixes(self) -> tuple[str, ...]:
+        return ("writer.encoder.", "writer.exist_head.", "writer.associate_projector.")
+
+    def phase(self, epoch: int) -> str:
+        hp = self.hparams
+        if hp.joint_from_start:
+            return "all"
+        if epoch < hp.inject_epochs:
+            return "inject"
+        if epoch < hp.inject_epochs + hp.heads_epochs:
+            return "heads"
+        return "all"
+
+    def on_train_epoch_start(self) -> None:
+        phase = self.phase(self.current_epoch)
+        # Toggle requires_grad on the body only: the tied decoder weight is the embedding matrix.
+        self.encoder.mlm.requires_grad_(phase != "heads")
+        self.log("phase_index", float(["inject", "heads", "all"].index(phase)), on_epoch=True, on_step=False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        phase = self.phase(self.current_epoch)
+        edit, out = batch["edit"], batch["out"]
+        tok, max_len = self.encoder.tokenizer, self.encoder.max_length
+        facts = list(zip(edit["subject"], edit["prompt"], edit["target"]))
+        use_inject = hp.lambda_inject > 0
+        use_assoc = phase != "inject" and hp.lambda_associate > 0
+        use_exist = phase != "inject" and hp.lambda_exist > 0
+        if phase == "inject" and not use_inject:
+            use_assoc, use_exist = hp.lambda_associate > 0, hp.lambda_exist > 0
+        inject = inject_batch(tok, facts, self.rng, max_len, hp.span_mask_prob, hp.word_mask_prob) if use_inject else None
+        associate = (edit["prompt"], associate_batch(tok, [(p, o) for _, p, o in facts], max_len)) if use_assoc else None
+        exist = None
+        if use_exist:
+            # Balanced in-scope (edited prompts, shared with the associate rows) vs out-of-scope
+            # (prompts of non-edited records).
+            half = min(len(edit["prompt"]), len(out["prompt"]))
+            texts = list(edit["prompt"][:half]) + list(out["prompt"][:half])
+            exist = (texts, torch.tensor([1] * half + [0] * half))
+        if inject is None and associate is None and exist is None:
+            raise ValueError("All pretraining losses are switched off (λ1 = λ2 = λ3 = 0).")
+        losses = self.writer.losses(inject, associate, exist)
+        total = sum(w * losses[k] for k, w in (("inject", hp.lambda_inject), ("associate", hp.lambda_associate),
+                                                ("exist", hp.lambda_exist)) if k in losses)
+        bs = len(facts)
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs, prog_bar=k in ("inject", "exist_acc"))
+        self.log("train/loss", total, on_step=False, on_epoch=True, batch_size=bs)
+        return total
+
+    def configure_optimizers(self):
+        params = [p for n, p in self.writer.named_parameters() if not n.startswith("frozen_copy.")]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total, _ = self.epoch_steps()
+        sched = warmup_cosine(opt, total, int(self.hparams.warmup_fraction * total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

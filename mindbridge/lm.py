@@ -1,0 +1,164 @@
+"""Calling a frozen causal LM with optional soft-prompt tokens in front of the text.
+
+The model's own accessors (`get_input_embeddings`, `logits_to_keep`) are used so the same code
+serves Llama, Gemma, GPT-2, GPT-J and MoE layouts without per-architecture branches.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mindbridge.tokenization import position_ids_for
+
+
+def causal_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  keep: int, memory: torch.Tensor | None = None, insert_at: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the last `keep` positions, `(B, keep, V)`.
+
+    `memory` `(B, P, d)` are soft tokens inserted into each (left-padded) row before the text
+    index `insert_at[b]` (default: before the first real token, i.e. a prefix). The text keeps
+    contiguous positions, so a padded row sees the same positions as the same row alone.
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    if memory is not None:
+        if insert_at is None:
+            insert_at = first_token_index(attention_mask)
+        embeds, attention_mask = insert_tokens(embeds, attention_mask, memory.to(embeds.dtype), insert_at)
+    out = model(inputs_embeds=embeds, attention_mask=attention_mask,
+                position_ids=position_ids_for(attention_mask), logits_to_keep=keep, use_cache=False)
+    return out.logits
+
+
+def first_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each left-padded row's first real token."""
+    return (attention_mask == 0).sum(dim=1)
+
+
+def insert_tokens(embeds: torch.Tensor, attention_mask: torch.Tensor, tokens: torch.Tensor,
+                  insert_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Insert `tokens` `(B, P, d)` into each row before index `insert_at[b]`.
+
+    Rows are left-padded and stay so: `(B, L + P, d)`, tokens before `insert_at` keep their
+    index, tokens after it move right by P.
+    """
+    bsz, length, dim = embeds.shape
+    plen = tokens.shape[1]
+    at = insert_at.to(embeds.device)[:, None]
+    new_pos = torch.arange(length + plen, device=embeds.device).expand(bsz, -1)
+    is_new = (new_pos >= at) & (new_pos < at + plen)
+    src = torch.where(new_pos < at, new_pos, new_pos - plen).clamp(0, length - 1)
+    old = embeds.gather(1, src[..., None].expand(-1, -1, dim))
+    new = tokens.gather(1, (new_pos - at).clamp(0, plen - 1)[..., None].expand(-1, -1, dim))
+    out = torch.where(is_new[..., None], new, old)
+    mask = torch.where(is_new, torch.ones_like(src), attention_mask.gather(1, src))
+    return out, mask.to(attention_mask.dtype)
+
+
+class ScorableLM(Protocol):
+    """What the shared evaluator needs from any edited (or unedited) model."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def logits(self, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               keep: int, answer_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `(B, keep, V)` of the last `keep` positions. `prompts` is the prompt text only
+        (never the target), for methods that condition on it; `answer_lengths[b]` says how many
+        tokens at the end of row b are the teacher-forced answer (None: rows are prompts only)."""
+
+
+class PlainLM:
+    """An unedited causal LM behind the `ScorableLM` interface."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        self.model, self.tokenizer = model, tokenizer
+
+    @torch.no_grad()
+    def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None):
+        return causal_logits(self.model, input_ids, attention_mask, keep)
+
+
+class PromptKVStore:
+    """Keys and values of fixed prompts under a frozen LM, computed once and re-batched.
+
+    When soft tokens go between a prompt and its answer, nothing in the prompt depends on them,
+    so the prompt's keys/values (and the unedited next-token logits, the out-of-scope teacher)
+    are constants. Training then only runs the memory and answer tokens through the LM, which
+    is several times cheaper than a full forward and backward per step.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                 batch_size: int = 32, keep_logits: bool = False, logits_dtype: torch.dtype = torch.bfloat16):
+        from mindbridge.tokenization import prompt_batch
+        self.model = model
+        self.keys: list[list[torch.Tensor]] = []      # per prompt: per layer (kv_heads, len, head_dim)
+        self.values: list[list[torch.Tensor]] = []
+        self.last_logits: list[torch.Tensor] = []
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = prompt_batch(tokenizer, prompts[start:start + batch_size])
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
+                            use_cache=True, logits_to_keep=1)
+            layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            for b in range(ids.shape[0]):
+                n = int(mask[b].sum())
+                self.keys.append([k[b, :, k.shape[2] - n:].clone() for k, _ in layers])
+                self.values.append([v[b, :, v.shape[2] - n:].clone() for _, v in layers])
+                if keep_logits:
+                    self.last_logits.append(out.logits[b, -1].to(logits_dtype))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, index: list[int]):
+        """A left-padded `DynamicCache` for these prompts and its attention mask `(B, L)`."""
+        from transformers import DynamicCache
+        lengths = [self.keys[i][0].shape[1] for i in index]
+        width = max(lengths)
+        mask = torch.zeros(len(index), width, dtype=torch.long)
+        for b, n in enumerate(lengths):
+            mask[b, width - n:] = 1
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(self.keys[index[0]])):
+            k0 = self.keys[index[0]][layer]
+            ks = k0.new_zeros(len(index), k0.shape[0], width, k0.shape[2])
+            vs = ks.clone()
+            for b, i in enumerate(index):
+                ks[b, :, width - lengths[b]:] = self.keys[i][layer]
+                vs[b, :, width - lengths[b]:] = self.values[i][layer]
+            cache.update(ks, vs, layer)
+        return cache, mask
+
+    def teacher_logits(self, index: list[int]) -> torch.Tensor:
+        return torch.stack([self.last_logits[i] for i in index]).float()
+
+
+def continuation_logits(model: PreTrainedModel, cache, prompt_mask: torch.Tensor, memory: torch.Tensor,
+                        answer_ids: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits `(B, P + T, V)` for `[memory; answer]` appended to cached prompts.
+
+    `answer_ids`/`answer_mask` `(B, T)` are right-aligned answer tokens (as in
+    `TeacherForcedBatch`); each row's memory sits right before its own answer, so
+    `logits[:, P - 1:-1]` line up with `answer_ids`. Identical to running the whole sequence
+    (`causal_logits` with the memory inserted after the prompt) up to float rounding.
+    """
+    bsz, plen, dim = memory.shape
+    dev = memory.device
+    embed = model.get_input_embeddings()
+    memory = memory.to(embed.weight.dtype)
+    if answer_ids is None:
+        answer_ids = torch.zeros(bsz, 0, dtype=torch.long, device=dev)
+        answer_mask = torch.zeros(bsz, 0, dtype=torch.bool, device=dev)
+    width = answer_ids.shape[1]
+    ans = answer_mask.sum(1).to(dev)
+    j = torch.arange(width + plen, device=dev).expand(bsz, -1)
+    at = (width - ans)[:, None]                          # where row b's memory starts
+    is_mem = (j >= at) & (j < at + plen)
+    mem = memory.gather(1, (j - at).clamp(0, plen - 1)[..., None].expand(-1, -1, dim))
+    shifted = torch.cat([memory.new_zeros(bsz, plen, dim), embed(answer_ids.to(dev))], dim=1)  # j -> answer j-P
+    seg = torch.where(is_mem[..., None], mem, torch.where((j >= at + plen)[..., None], shifted, 0.0))
+    full_mask = torch.cat([prompt_mask.to(dev), (j >= at).to(prompt_mask.dtype)], dim=1)
+    return model(inputs_embeds=seg, attention_mask=full_mask,
+                 position_ids=position_ids_for(full_mask)[:, prompt_mask.shape[1]:],
+                 past_key_values=cache, use_cache=True, logits_to_keep=width + plen).logits

@@ -1,0 +1,236 @@
+"""mindbridge.bridge: projector, losses and the memory-augmented LM on tiny random models."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from mindbridge.bridge import (
+    MemoryAugmentedLM,
+    MemoryProjector,
+    MemoryProjectorConfig,
+    answer_loss,
+    distill_kl,
+)
+from mindbridge.encoder import MemoryEncoder
+from mindbridge.lm import causal_logits
+from mindbridge.loading import load_causal_lm, load_masked_lm
+from mindbridge.tokenization import TeacherForcedBatch, prompt_batch, teacher_forced_batch
+
+TINY_LLMS = {
+    "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2},
+    "gpt2": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4},
+    "gptj": {"model_type": "gptj", "n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8},
+}
+TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls are dominated by thread hand-off on a busy 2-core box; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def _llm(name: str):
+    return load_causal_lm("random", random_config=TINY_LLMS[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder() -> MemoryEncoder:
+    mlm, tok = load_masked_lm("random", random_config=TINY_BERT)
+    return MemoryEncoder(mlm.requires_grad_(False), tok, "cls", 48)
+
+
+def _projector(num_tokens: int = 2, position: str = "prefix", depth: int = 2, seed: int = 0) -> MemoryProjector:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        proj = MemoryProjector(MemoryProjectorConfig(encoder_dim=32, llm_dim=64, num_tokens=num_tokens,
+                                                     depth=depth, position=position))
+    return proj.eval()
+
+
+# --------------------------------------------------------------------------- projector
+
+
+@pytest.mark.parametrize("num_tokens, depth", [(1, 1), (3, 2), (2, 3)])
+def test_projector_output_shape(num_tokens: int, depth: int) -> None:
+    proj = _projector(num_tokens, depth=depth)
+    out = proj(torch.randn(5, 32))
+    assert out.shape == (5, num_tokens, 64)
+    assert proj.config.hidden_dim == 64          # default 2 * encoder_dim
+
+
+def test_projector_config_rejects_unknown_position() -> None:
+    with pytest.raises(ValueError):
+        MemoryProjectorConfig(encoder_dim=32, llm_dim=64, position="middle")
+
+
+def test_set_feature_statistics_standardises() -> None:
+    proj = _projector(1, depth=1)
+    g = torch.Generator().manual_seed(0)
+    feats = 7.0 + 3.0 * torch.randn(64, 32, generator=g)
+    feats[:, 0] = 5.0                                         # a constant column: scale floored
+    proj.set_feature_statistics(feats)
+    torch.testing.assert_close(proj.feature_mean, feats.mean(0))
+    assert proj.feature_scale[0].item() == pytest.approx(1e-4)
+    seen = []
+    proj.net.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    proj(feats)
+    z = seen[0]
+    torch.testing.assert_close(z[:, 1:].mean(0), torch.zeros(31), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[:, 1:].std(0), torch.ones(31), atol=1e-5, rtol=1e-5)
+    assert torch.all(z[:, 0] == 0)
+
+
+def test_projector_save_and_load_round_trip(tmp_path) -> None:
+    proj = _projector(2, position="suffix")
+    proj.set_feature_statistics(torch.randn(16, 32) * 2 + 1)
+    proj.save_pretrained(tmp_path / "proj", safe_serialization=True)
+    assert (tmp_path / "proj" / "model.safetensors").is_file()
+    loaded = MemoryProjector.from_pretrained(tmp_path / "proj", use_safetensors=True).eval()
+    assert torch.equal(loaded.feature_mean, proj.feature_mean)
+    assert torch.equal(loaded.feature_scale, proj.feature_scale)
+    assert loaded.config.position == "suffix" and loaded.config.num_tokens == 2
+    assert loaded.config.encoder_dim == 32 and loaded.config.llm_dim == 64
+    for (n, a), (_, b) in zip(proj.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(loaded(x), proj(x))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _hand_batch() -> TeacherForcedBatch:
+    target_ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    target_mask = torch.tensor([[False, True, True], [True, True, True]])
+    return TeacherForcedBatch(torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6, dtype=torch.long),
+                              target_ids, target_mask)
+
+
+def test_answer_loss_perfect_logits() -> None:
+    batch = _hand_batch()
+    logits = torch.zeros(2, batch.keep, 12)
+    logits[:, :-1].scatter_(-1, batch.target_ids[..., None], 100.0)
+    logits[0, 0] = 0.0
+    logits[0, 0, 3] = 100.0      # a masked position may predict anything
+    logits[:, -1, 11] = 100.0    # the last kept position predicts nothing scored
+    loss, acc = answer_loss(logits, batch)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert acc.item() == pytest.approx(1.0)
+
+
+def test_answer_loss_is_masked_mean_nll() -> None:
+    batch = _hand_batch()
+    logits = torch.randn(2, batch.keep, 12, generator=torch.Generator().manual_seed(0))
+    loss, acc = answer_loss(logits, batch)
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.target_ids[..., None])[..., 0]
+    expected = -(logp[batch.target_mask]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    pred = logits[:, :-1].argmax(-1)
+    assert acc.item() == pytest.approx((pred == batch.target_ids)[batch.target_mask].float().mean().item())
+
+
+def test_distill_kl() -> None:
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(4, 50, generator=g)
+    assert distill_kl(teacher, teacher.clone()).item() == pytest.approx(0.0, abs=1e-5)
+    student = teacher + torch.randn(4, 50, generator=g)
+    kl = distill_kl(teacher, student)
+    assert kl.item() > 1e-3
+    # Matches KL(P_teacher || P_student) at temperature T, times T^2, averaged over rows.
+    t = 2.0
+    p = torch.softmax(teacher / t, -1)
+    ref = (p * (torch.log_softmax(teacher / t, -1) - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+    assert distill_kl(teacher, student, temperature=t).item() == pytest.approx(ref.item(), rel=1e-3)
+    # Gradient reaches the student only.
+    student.requires_grad_(True)
+    distill_kl(teacher, student).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- MemoryAugmentedLM
+
+
+def test_memory_augmented_lm_needs_matching_pairs() -> None:
+    llm, tok = _llm("llama")
+    with pytest.raises(ValueError):
+        MemoryAugmentedLM(llm, tok, [], [])
+    with pytest.raises(ValueError):
+        MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(), _projector()])
+
+
+def test_memory_tokens_concatenate_multiple_memories() -> None:
+    llm, tok = _llm("llama")
+    enc = _encoder()
+    lm = MemoryAugmentedLM(llm, tok, [enc, enc], [_projector(1), _projector(2, seed=1)])
+    toks = lm.memory_tokens(["Where is the Eiffel Tower?"])
+    assert toks.shape == (1, 3, 64)
+    feats = [enc.encode(["Where is the Eiffel Tower?"])] * 2
+    torch.testing.assert_close(lm.memory_tokens(features=feats), toks)
+
+
+def test_insert_at_prefix_and_suffix() -> None:
+    llm, tok = _llm("llama")
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    prefix = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(position="prefix")])
+    suffix = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(position="suffix")])
+    assert prefix.insert_at(mask, torch.tensor([1, 2])).tolist() == [2, 0]
+    assert suffix.insert_at(mask, torch.tensor([1, 2])).tolist() == [4, 3]
+    assert suffix.insert_at(mask, None).tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("position", ["prefix", "suffix"])
+def test_logits_match_causal_logits(position: str) -> None:
+    llm, tok = _llm("llama")
+    lm = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(2, position=position)])
+    prompts, targets = ["The Eiffel Tower is in", "Hi"], ["Paris", "New York"]
+    batch = teacher_forced_batch(tok, prompts, targets)
+    lengths = batch.target_mask.sum(1)
+    with torch.no_grad():
+        got = lm.logits(prompts, batch.input_ids, batch.attention_mask, batch.keep, lengths)
+        memory = lm.memory_tokens(prompts)
+        at = (batch.attention_mask == 0).sum(1) if position == "prefix" else batch.input_ids.shape[1] - lengths
+        ref = causal_logits(llm, batch.input_ids, batch.attention_mask, batch.keep, memory, at)
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gptj"])
+@pytest.mark.parametrize("position", ["prefix", "suffix"])
+def test_generate_runs_and_without_memory_matches_plain(name: str, position: str) -> None:
+    llm, tok = _llm(name)
+    lm = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(2, position=position)])
+    prompts = ["The Eiffel Tower is located in", "Hi"]
+    texts = lm.generate(prompts, max_new_tokens=4)
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+    prompt = prompts[0]
+    ids, mask = prompt_batch(tok, [prompt])
+    with torch.no_grad():
+        plain = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    plain_text = tok.decode(plain[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert lm.generate([prompt], max_new_tokens=5, use_memory=False) == [plain_text]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("position", ["prefix", "suffix"])
+def test_generate_first_token_is_argmax_with_memory(name: str, position: str) -> None:
+    llm, tok = _llm(name)
+    lm = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(2, position=position, seed=3)])
+    prompt = "The Eiffel Tower is located in"
+    ids, mask = prompt_batch(tok, [prompt])
+    with torch.no_grad():
+        logits = lm.logits([prompt], ids, mask, 1)
+    expected = tok.decode(logits[0, -1].argmax().item(), skip_special_tokens=True).strip()
+    assert lm.generate([prompt], max_new_tokens=1) == [expected]

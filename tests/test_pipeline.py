@@ -1,0 +1,101 @@
+"""End-to-end runs of train(cfg) on tiny random models: the stages, artifacts, resume."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mindbridge.artifacts import ArtifactError
+from train import train
+
+SHARED_KEYS = {"rel", "gen", "loc", "avg", "pre_rel", "pre_gen", "rel_em", "gen_em", "loc_em", "method", "llm",
+               "encoder", "dataset", "num_edits", "train_seconds", "edit_seconds", "eval_seconds"}
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One tiny default job (pretrain -> bridge -> eval), shared by the tests below."""
+    from tests.conftest import compose
+    run = tmp_path_factory.mktemp("default")
+    cfg = compose(["debug=fast", "callbacks.progress=null", f"run_dir={run}"])
+    return run, train(cfg, run)
+
+
+def test_default_job_writes_metrics_and_a_memory(default_run):
+    run, metrics = default_run
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert SHARED_KEYS <= on_disk.keys()
+    assert on_disk["num_edits"] == 8 and on_disk["method"] == "mindbridge"
+    for key in ("rel", "gen", "loc", "pre_rel", "pre_gen"):
+        assert 0.0 <= on_disk[key] <= 100.0
+    assert on_disk["avg"] == pytest.approx((on_disk["rel"] + on_disk["gen"] + on_disk["loc"]) / 3)
+    memory = run / "memory"
+    assert (memory / "encoder" / "model.safetensors").is_file()
+    assert (memory / "bridges" / "tiny_llama" / "projector" / "model.safetensors").is_file()
+    manifest = json.loads((memory / "manifest.json").read_text())
+    assert manifest["num_facts"] == 8 and len((memory / "facts.jsonl").read_text().splitlines()) == 8
+    assert not list(memory.rglob("*.bin")) and not list(memory.rglob("*.pt"))
+
+
+def test_checkpoints_hold_only_trainable_weights(default_run):
+    run, _ = default_run
+    ckpt = torch.load(run / "checkpoints" / "bridge-tiny_llama" / "last.ckpt", weights_only=False)
+    assert ckpt["state_dict"] and all(k.startswith("edited.projectors.") for k in ckpt["state_dict"])
+    ckpt = torch.load(run / "checkpoints" / "pretrain" / "last.ckpt", weights_only=False)
+    assert not any(k.startswith("writer.frozen_copy.") for k in ckpt["state_dict"])
+    assert any(k.startswith("writer.encoder.") for k in ckpt["state_dict"])
+
+
+def test_eval_stage_reproduces_the_metrics(default_run, tiny_cfg, tmp_path):
+    run, metrics = default_run
+    again = train(tiny_cfg("stage=eval", f"memory={run / 'memory'}"), tmp_path / "eval")
+    for key in ("rel", "gen", "loc", "pre_rel"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6)
+
+
+def test_bridging_another_llm_leaves_the_encoder_untouched(default_run, tiny_cfg, tmp_path):
+    run, _ = default_run
+    memory = run / "memory"
+    before = {p.name: file_digest(p) for p in (memory / "encoder").iterdir()}
+    metrics = train(tiny_cfg("stage=bridge", "llm=tiny_gpt2", f"memory={memory}"), tmp_path / "gpt2")
+    after = {p.name: file_digest(p) for p in (memory / "encoder").iterdir()}
+    assert before == after
+    assert (memory / "bridges" / "tiny_gpt2" / "bridge.json").is_file()
+    assert metrics["llm"] == "tiny_gpt2" and "rel" in metrics
+
+
+def test_a_bridge_is_refused_for_another_llm(default_run, tiny_cfg, tmp_path):
+    run, _ = default_run
+    memory = tmp_path / "memory"
+    import shutil
+    shutil.copytree(run / "memory", memory)
+    # Pretend the tiny_llama bridge belongs to tiny_gptj: its identity no longer matches.
+    shutil.copytree(memory / "bridges" / "tiny_llama", memory / "bridges" / "tiny_gptj")
+    with pytest.raises(ArtifactError, match="trained for LLM 'tiny_llama'"):
+        train(tiny_cfg("stage=eval", "llm=tiny_gptj", f"memory={memory}"), tmp_path / "eval")
+
+
+def test_memory_refused_for_other_facts(default_run, tiny_cfg, tmp_path):
+    run, _ = default_run
+    with pytest.raises(ArtifactError, match="facts"):
+        train(tiny_cfg("stage=eval", "data.seed=7", f"memory={run / 'memory'}"), tmp_path / "eval")
+
+
+def test_resume_from_checkpoint_continues_training(tiny_cfg, tmp_path):
+    run = tmp_path / "resume"
+    # First run: one bridge epoch. Then resume from its last.ckpt to three epochs.
+    train(tiny_cfg("model.bridge.epochs=1", run_dir=run), run)
+    first = torch.load(run / "checkpoints" / "bridge-tiny_llama" / "last.ckpt", weights_only=False)
+    assert first["epoch"] == 0
+    train(tiny_cfg("stage=bridge", "model.bridge.epochs=3", "ckpt_path=last", f"memory={run / 'memory'}",
+                   run_dir=run), run)
+    resumed = torch.load(run / "checkpoints" / "bridge-tiny_llama" / "last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 2
+    assert resumed["global_step"] == 3 * first["global_step"]
