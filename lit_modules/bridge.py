@@ -20,7 +20,7 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
 
     def __init__(self, llm, tokenizer, encoder: MemoryEncoder, projector: MemoryProjector,
                  lambda_kl: float = 1.0, kl_temperature: float = 1.5, lr: float = 1e-3,
-                 weight_decay: float = 0.0, warmup_fraction: float = 0.1):
+                 weight_decay: float = 0.0, warmup_fraction: float = 0.1, feature_noise: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["llm", "tokenizer", "encoder", "projector"])
         self.edited = MemoryAugmentedLM(llm, tokenizer, [encoder], [projector])
@@ -70,13 +70,27 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
                 self._teacher[int(index[k])] = row.to(torch.bfloat16)
         return torch.stack([self._teacher[int(i)] for i in index.tolist()]).float()
 
+    def _features(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Cached memory vectors, jittered while training.
+
+        Paraphrases are never trained on (they are evaluation prompts); their memory vectors
+        sit near, not on, the edit prompt's. Gaussian noise of `feature_noise` standard
+        deviations per dimension (in the projector's standardised units) teaches the projector
+        to answer the same way in that neighbourhood.
+        """
+        feats = table[index]
+        if self.training and self.hparams.feature_noise > 0:
+            feats = feats + self.hparams.feature_noise * self.projector.feature_scale * torch.randn_like(feats)
+        return feats
+
     def _answer_logits(self, edit: dict) -> torch.Tensor:
         """Logits at the answer positions (plus one), laid out like `TeacherForcedBatch`."""
         tf, index = edit["tf"], edit["index"]
-        memory = self.edited.memory_tokens(features=[self._edit_features[index]])
+        features = self._features(self._edit_features, index)
         if self._edit_kv is None:
             return self.edited.logits(None, tf.input_ids, tf.attention_mask, tf.keep, tf.target_mask.sum(1),
-                                      features=[self._edit_features[index]])
+                                      features=[features])
+        memory = self.edited.memory_tokens(features=[features])
         cache, mask = self._edit_kv.batch(index.tolist())
         return continuation_logits(self.edited.llm, cache, mask, memory, tf.target_ids, tf.target_mask)[
             :, memory.shape[1] - 1:]
@@ -87,9 +101,9 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         if self._out_kv is None:
             teacher = self._teacher_logits(index, out["input_ids"], out["attention_mask"])
             student = self.edited.logits(None, out["input_ids"], out["attention_mask"], 1,
-                                         features=[self._out_features[index]])[:, -1]
+                                         features=[self._features(self._out_features, index)])[:, -1]
             return teacher, student
-        memory = self.edited.memory_tokens(features=[self._out_features[index]])
+        memory = self.edited.memory_tokens(features=[self._features(self._out_features, index)])
         cache, mask = self._out_kv.batch(index.tolist())
         student = continuation_logits(self.edited.llm, cache, mask, memory)[:, -1]
         return self._out_kv.teacher_logits(index.tolist()), student

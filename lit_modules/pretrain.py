@@ -51,7 +51,7 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
         self.encoder.mlm.requires_grad_(phase != "heads")
         self.log("phase_index", float(["inject", "heads", "all"].index(phase)), on_epoch=True, on_step=False)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         hp = self.hparams
         phase = self.phase(self.current_epoch)
         edit, out = batch["edit"], batch["out"]
@@ -62,6 +62,8 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
         use_exist = phase != "inject" and hp.lambda_exist > 0
         if phase == "inject" and not use_inject:
             use_assoc, use_exist = hp.lambda_associate > 0, hp.lambda_exist > 0
+        if phase == "heads" and not (use_assoc or use_exist):
+            return None          # the heads phase trains only H and Q_M; with λ2 = λ3 = 0 it has nothing to do
         inject = inject_batch(tok, facts, self.rng, max_len, hp.span_mask_prob, hp.word_mask_prob) if use_inject else None
         associate = (edit["prompt"], associate_batch(tok, [(p, o) for _, p, o in facts], max_len)) if use_assoc else None
         exist = None

@@ -6,7 +6,6 @@ it measured into a shared `metrics` dict that ends up in `<run dir>/metrics.json
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,8 +27,6 @@ from mindbridge.evaluation import evaluate_edits
 from mindbridge.lm import PlainLM
 from mindbridge.loading import load_causal_lm, load_masked_lm, model_identity
 from mindbridge.pretraining import fit_mlm_head
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +71,8 @@ def make_trainer(ctx: RunContext, stage: str, max_epochs: int) -> L.Trainer:
     cfg = ctx.cfg
     callbacks = []
     for name, cb in (cfg.get("callbacks") or {}).items():
+        if cb is None:                      # a callback switched off with callbacks.NAME=null
+            continue
         if name == "checkpoint":
             callbacks.append(hydra.utils.instantiate(cb, dirpath=str(ctx.run_dir / "checkpoints" / stage)))
         else:
@@ -162,7 +161,8 @@ def bridge(ctx: RunContext) -> None:
         encoder_dim=encoder.hidden_size, llm_dim=llm.get_input_embeddings().embedding_dim,
         hidden_dim=pc.hidden_dim, depth=pc.depth, num_tokens=pc.num_tokens, dropout=pc.dropout,
         position=pc.position))
-    hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction")}
+    hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction",
+                               "feature_noise")}
     module = MemoryBridgeModule(llm, tok, encoder, projector, **hp)
     start = time.perf_counter()
     module.prepare([r.prompt for r in dm.edits], [o.prompt for o in dm.out_of_scope])
@@ -194,7 +194,7 @@ def evaluate(ctx: RunContext) -> None:
         m = evaluate_edits(edited, PlainLM(llm, tok), ctx.data().edits, cfg.model.eval.batch_size, advance)
     ctx.metrics.update(m)
     ctx.metrics["eval_seconds"] = time.perf_counter() - start
-    ctx.metrics.setdefault("encoder", manifest.get("encoder"))
+    ctx.metrics["encoder"] = manifest.get("encoder", ctx.metrics.get("encoder"))   # the memory's, not the config's
     ctx.metrics.setdefault("pretrain_seconds", manifest.get("pretrain_seconds"))
     ctx.metrics.setdefault("bridge_seconds", meta.get("bridge_seconds"))
 

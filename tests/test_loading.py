@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mindbridge.atomic import write_dir_atomically
 from mindbridge import loading
 from mindbridge.loading import (
     ModelUnavailableError,
@@ -197,13 +198,13 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        loading._atomic_dir(final, boom)
+        write_dir_atomically(final, boom, replace=False)
     assert not final.exists() and list(final.parent.iterdir()) == []
 
-    loading._atomic_dir(final, lambda tmp: (tmp / "ok.bin").write_bytes(b"y"))
+    write_dir_atomically(final, lambda tmp: (tmp / "ok.bin").write_bytes(b"y"), replace=False)
     assert (final / "ok.bin").read_bytes() == b"y"
     # A second writer finding the directory already in place keeps the existing one.
-    loading._atomic_dir(final, lambda tmp: (tmp / "other.bin").write_bytes(b"z"))
+    write_dir_atomically(final, lambda tmp: (tmp / "other.bin").write_bytes(b"z"), replace=False)
     assert sorted(p.name for p in final.iterdir()) == ["ok.bin"]
     assert [p.name for p in final.parent.iterdir()] == ["model"]
 
