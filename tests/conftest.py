@@ -31,3 +31,19 @@ def tiny_cfg(tmp_path):
         return compose(["debug=fast", "logger=csv", "callbacks.progress=null",
                         f"run_dir={run_dir or tmp_path / 'run'}", *overrides])
     return make
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """Tiny models: matmuls are dominated by thread hand-off on a busy 2-core box, so fast tests
+    use one thread (restored afterwards); tests on the real models keep the default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -39,17 +39,6 @@ PROMPTS = ["The Eiffel Tower is located in the city of", "Hi", "Who wrote Hamlet
 TARGETS = ["Paris", "New York", "William Shakespeare of Stratford"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls are dominated by thread hand-off on a busy 2-core box; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def _model(name: str):
     return load_causal_lm("random", random_config=CONFIGS[name], seed=0)

@@ -29,17 +29,6 @@ FACTS = [("Eiffel Tower", "The Eiffel Tower is located in", "Paris"),
          ("Nobody", "Water boils at", "one hundred degrees")]   # subject not in the prompt
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls are dominated by thread hand-off on a busy 2-core box; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def bert():
     return load_masked_lm("random", random_config=TINY_BERT, seed=0)
