@@ -152,15 +152,15 @@ def _memory_for_current_data(ctx: RunContext) -> tuple[MemoryEncoder, dict]:
 def bridge(ctx: RunContext) -> None:
     """Stage II: train a projector for `llm` on an existing memory, saved as bridges/<llm>/."""
     cfg, bcfg = ctx.cfg, ctx.cfg.model.bridge
+    llm, tok = ctx.load_llm()              # an unavailable LLM is the first thing to report
     encoder, manifest = _memory_for_current_data(ctx)
-    llm, tok = ctx.load_llm()
     dm = ctx.data()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     pc = bcfg.projector
     projector = MemoryProjector(MemoryProjectorConfig(
         encoder_dim=encoder.hidden_size, llm_dim=llm.get_input_embeddings().embedding_dim,
         hidden_dim=pc.hidden_dim, depth=pc.depth, num_tokens=pc.num_tokens, dropout=pc.dropout,
-        position=pc.position))
+        position=pc.position, zero_init_output=pc.get("zero_init_output", False)))
     hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction",
                                "feature_noise")}
     module = MemoryBridgeModule(llm, tok, encoder, projector, **hp)

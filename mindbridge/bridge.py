@@ -24,12 +24,15 @@ class MemoryProjectorConfig(PretrainedConfig):
 
     def __init__(self, encoder_dim: int = 384, llm_dim: int = 576, hidden_dim: int | None = None,
                  depth: int = 2, num_tokens: int = 1, dropout: float = 0.2, position: str = "prefix",
-                 **kwargs):
+                 zero_init_output: bool = False, **kwargs):
         super().__init__(**kwargs)
         if position not in ("prefix", "suffix"):
             raise ValueError(f"memory position must be 'prefix' or 'suffix' (got {position!r})")
         # prefix: before the prompt (the paper); suffix: between the prompt and the answer.
         self.position = position
+        # Start every memory at one shared vector (the output bias) so the KL term first learns
+        # a token the LLM ignores, and the edits then learn their departures from it.
+        self.zero_init_output = zero_init_output
         self.encoder_dim, self.llm_dim, self.depth = encoder_dim, llm_dim, depth
         self.hidden_dim = hidden_dim or 2 * encoder_dim
         self.num_tokens, self.dropout = num_tokens, dropout
@@ -51,6 +54,9 @@ class MemoryProjector(PreTrainedModel):
         self.register_buffer("feature_mean", torch.zeros(config.encoder_dim))
         self.register_buffer("feature_scale", torch.ones(config.encoder_dim))
         self.post_init()
+        if config.zero_init_output:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     @torch.no_grad()
     def set_feature_statistics(self, features: torch.Tensor) -> None:

@@ -223,3 +223,11 @@ def test_generate_first_token_is_argmax_with_memory(name: str, position: str) ->
         logits = lm.logits([prompt], ids, mask, 1)
     expected = tok.decode(logits[0, -1].argmax().item(), skip_special_tokens=True).strip()
     assert lm.generate([prompt], max_new_tokens=1) == [expected]
+
+
+def test_zero_init_output_starts_every_memory_at_one_vector() -> None:
+    proj = MemoryProjector(MemoryProjectorConfig(encoder_dim=8, llm_dim=6, depth=2, zero_init_output=True))
+    out = proj(torch.randn(5, 8))
+    assert torch.equal(out, torch.zeros_like(out))
+    plain = MemoryProjector(MemoryProjectorConfig(encoder_dim=8, llm_dim=6, depth=2))
+    assert plain(torch.randn(5, 8)).std() > 0

@@ -36,6 +36,12 @@ def test_upstream_llm_offline_fails_with_one_sentence(tmp_path):
     assert_one_sentence_error(proc, "meta-llama/Meta-Llama-3-8B")
 
 
+def test_bridge_to_llama3_offline_names_the_model(tmp_path):
+    """Exactly the issue's command: no memory yet, no hub; the LLM is what gets reported."""
+    proc = run_cli("stage=bridge", "llm=llama3", tmp_path=tmp_path)
+    assert_one_sentence_error(proc, "meta-llama/Meta-Llama-3-8B")
+
+
 def test_missing_memory_fails_with_one_sentence(tmp_path):
     proc = run_cli("debug=fast", "stage=eval", f"memory={tmp_path / 'nope'}", tmp_path=tmp_path)
     assert_one_sentence_error(proc, "No memory at")
