@@ -19,11 +19,8 @@ from omegaconf import DictConfig
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
-# Failures a user can fix (bad data, missing model, mismatched artifact): one sentence, exit 2.
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix (bad data, missing model, mismatched artifact): one sentence, exit 2."""
     from data.records import DataFileNotFoundError, DataFormatError
     from mindbridge.artifacts import ArtifactError
     from mindbridge.loading import ModelUnavailableError
