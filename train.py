@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures a user can fix (bad data, missing model, mismatched artifact): one sentence, exit 2."""
     from data.records import DataFileNotFoundError, DataFormatError

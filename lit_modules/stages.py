@@ -160,7 +160,7 @@ def bridge(ctx: RunContext) -> None:
     projector = MemoryProjector(MemoryProjectorConfig(
         encoder_dim=encoder.hidden_size, llm_dim=llm.get_input_embeddings().embedding_dim,
         hidden_dim=pc.hidden_dim, depth=pc.depth, num_tokens=pc.num_tokens, dropout=pc.dropout,
-        position=pc.position, zero_init_output=pc.get("zero_init_output", False)))
+        position=pc.position, zero_init_output=pc.zero_init_output))
     hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction",
                                "feature_noise")}
     module = MemoryBridgeModule(llm, tok, encoder, projector, **hp)

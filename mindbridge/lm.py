@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mindbridge.tokenization import position_ids_for
+from mindbridge.tokenization import position_ids_for, prompt_batch
 
 
 def causal_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -90,7 +90,6 @@ class PromptKVStore:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                  batch_size: int = 32, keep_logits: bool = False, logits_dtype: torch.dtype = torch.bfloat16):
-        from mindbridge.tokenization import prompt_batch
         self.model = model
         self.keys: list[list[torch.Tensor]] = []      # per prompt: per layer (kv_heads, len, head_dim)
         self.values: list[list[torch.Tensor]] = []
