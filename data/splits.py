@@ -115,11 +115,37 @@ def make_split(
     """
     _check_arguments(len(records), num_edits, out_of_scope_sources, max_out_of_scope, order)
     edit_indices = _choose_edit_indices(len(records), num_edits, seed, order)
-    edits = tuple(records[i] for i in edit_indices)
-
     chosen = set(edit_indices)
     non_edited = [rec for i, rec in enumerate(records) if i not in chosen] + list(pool)
-    out_of_scope = _out_of_scope(non_edited, out_of_scope_sources, _eval_prompt_keys(edits))
+    return _split(tuple(records[i] for i in edit_indices), non_edited, seed, out_of_scope_sources,
+                  max_out_of_scope)
+
+
+def split_with_edits(
+    records: Sequence[EditRecord],
+    edits: Sequence[EditRecord],
+    seed: int = 0,
+    out_of_scope_sources: Sequence[str] = ("prompt", "loc"),
+    max_out_of_scope: int | None = None,
+    *,
+    pool: Sequence[EditRecord] = (),
+) -> EditSplit:
+    """A split whose edit set is given (e.g. the union of several memories' facts).
+
+    The out-of-scope stream is built as in `make_split`, from the records (and `pool`) that
+    are not among `edits`, minus every evaluation prompt of the edits.
+    """
+    if not edits:
+        raise ValueError("split_with_edits needs at least one edit.")
+    _check_arguments(len(edits), len(edits), out_of_scope_sources, max_out_of_scope, "random")
+    edited = set(edits)
+    non_edited = [rec for rec in list(records) + list(pool) if rec not in edited]
+    return _split(tuple(edits), non_edited, seed, out_of_scope_sources, max_out_of_scope)
+
+
+def _split(edits: tuple[EditRecord, ...], non_edited: Sequence[EditRecord], seed: int,
+           sources: Sequence[str], max_out_of_scope: int | None) -> EditSplit:
+    out_of_scope = _out_of_scope(non_edited, sources, _eval_prompt_keys(edits))
     # A separate, string-seeded generator: reproducible across runs and independent of the edit sample.
     random.Random(f"out_of_scope:{seed}").shuffle(out_of_scope)
     if max_out_of_scope is not None:

@@ -36,8 +36,12 @@ class TrainableOnlyCheckpoint(L.LightningModule):
         raise NotImplementedError
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Modules that train (with their buffers), plus trainable tensors inside frozen models
+        # (e.g. LoRA adapters in the LLM).
         keep = self.trainable_prefixes()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(keep)}
+        training = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k.startswith(keep) or k in training}
 
     def epoch_steps(self) -> tuple[int, int]:
         """(total optimizer steps, steps per epoch) as the trainer will run them."""

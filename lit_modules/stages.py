@@ -15,17 +15,20 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.datamodule import EditDataModule
 from lit_modules.bridge import MemoryBridgeModule
 from lit_modules.pretrain import MemoryPretrainModule
-from mindbridge.artifacts import ArtifactError, load_bridge, load_memory, save_bridge, save_memory
-from mindbridge.bridge import MemoryAugmentedLM, MemoryProjector, MemoryProjectorConfig
+from data.records import record_from_dict
+from mindbridge.artifacts import (ArtifactError, bridge_dir, bridge_name, load_bridge, load_bridge_adapters, load_exist_head, load_memory, read_facts,
+                                  read_manifest,
+                                  save_bridge, save_memory)
+from mindbridge.bridge import MemoryAugmentedLM, MemoryProjector, MemoryProjectorConfig, lora_state
 from mindbridge.encoder import MemoryEncoder
 from mindbridge.evaluation import evaluate_edits
 from mindbridge.lm import PlainLM
-from mindbridge.loading import load_causal_lm, load_masked_lm, model_identity
+from mindbridge.loading import load_causal_lm, load_masked_lm, model_identity, tensors_fingerprint
 from mindbridge.pretraining import fit_mlm_head
 
 
@@ -42,8 +45,19 @@ class RunContext:
     llm_identity: dict | None = None
 
     @property
+    def memory_dirs(self) -> list[Path]:
+        """`memory=DIR` or `memory=[DIR1,DIR2,...]` (Multi-MindBridge); default <run dir>/memory."""
+        memory = self.cfg.memory
+        if not memory:
+            return [self.run_dir / "memory"]
+        return [Path(str(m)).expanduser() for m in ([memory] if isinstance(memory, str) else memory)]
+
+    @property
     def memory_dir(self) -> Path:
-        return Path(self.cfg.memory).expanduser() if self.cfg.memory else self.run_dir / "memory"
+        dirs = self.memory_dirs
+        if len(dirs) != 1:
+            raise ValueError(f"stage={self.cfg.stage.name} works on one memory, but memory= lists {len(dirs)}.")
+        return dirs[0]
 
     def data(self) -> EditDataModule:
         if self.datamodule is None:
@@ -59,9 +73,11 @@ class RunContext:
     def load_llm(self):
         if self.llm is None:
             c = self.cfg.llm
+            moe = {k: c[k] for k in ("num_experts", "top_k") if c.get(k) is not None}   # smollm2_moe
             self.llm, self.tokenizer = load_causal_lm(
                 c.source, hub_id=c.hub_id, path=c.path, dtype=c.dtype, seed=self.cfg.seed,
-                random_config=OmegaConf.to_container(c.random_config, resolve=True) if c.random_config else None)
+                random_config=OmegaConf.to_container(c.random_config, resolve=True) if c.random_config else None,
+                **moe)
             self.llm_identity = model_identity(self.llm, c.name)
         return self.llm, self.tokenizer
 
@@ -95,6 +111,7 @@ def _ckpt_path(ctx: RunContext, stage: str) -> str | None:
 def pretrain(ctx: RunContext) -> None:
     """Stage I: write the edit set into a fresh encoder and save it as a memory."""
     cfg, ecfg, pcfg = ctx.cfg, ctx.cfg.encoder, ctx.cfg.model.pretrain
+    out_dir = ctx.memory_dir               # refuse a list of memories before any training
     dm = ctx.data()
     mlm, etok = load_masked_lm(ecfg.source, hub_id=ecfg.hub_id, path=ecfg.path, seed=cfg.seed,
                                random_config=OmegaConf.to_container(ecfg.random_config) if ecfg.random_config else None)
@@ -116,8 +133,8 @@ def pretrain(ctx: RunContext) -> None:
     logged = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items()}
     info = {"encoder": ecfg.name, "dataset": dm.name, "data_seed": dm.seed, "pretrain_seconds": seconds,
             "mlm_head_warmup_acc": head_acc, "final_losses": logged, **diag}
-    save_memory(ctx.memory_dir, encoder, dm.edits, dm.facts_hash(), info)
-    ctx.metrics.update({"encoder": ecfg.name, "pretrain_seconds": seconds, "memory": str(ctx.memory_dir),
+    save_memory(out_dir, encoder, dm.edits, dm.facts_hash(), info, exist_head=module.writer.exist_head.state_dict())
+    ctx.metrics.update({"encoder": ecfg.name, "pretrain_seconds": seconds, "memory": str(out_dir),
                         **{f"pretrain_{k}": v for k, v in logged.items()}, **diag})
 
 
@@ -138,65 +155,138 @@ def existence_diagnostics(module: MemoryPretrainModule, dm: EditDataModule) -> d
             "exist_in_scope_rate_loc": in_scope_rate([p for r in dm.edits for p in r.loc_prompts])}
 
 
-def _memory_for_current_data(ctx: RunContext) -> tuple[MemoryEncoder, dict]:
-    encoder, manifest = load_memory(ctx.memory_dir)
+def _memories_for_current_data(ctx: RunContext) -> list[tuple[MemoryEncoder, dict]]:
+    """Load the memories; their facts become the edit set.
+
+    One memory must hold exactly the edits that the data options select. Several memories
+    (Multi-MindBridge) are trained and scored on the union of their facts, with the
+    out-of-scope stream taken from the data file's other records.
+    """
+    dirs = ctx.memory_dirs
+    loaded = [load_memory(d) for d in dirs]
     dm = ctx.data()
-    if manifest["facts_sha256"] != dm.facts_hash():
-        raise ArtifactError(f"The memory at {ctx.memory_dir} holds {manifest['num_facts']} facts "
-                            f"({manifest.get('dataset')}, seed {manifest.get('data_seed')}) that differ from the "
-                            f"{len(dm.edits)} edits selected by data={dm.name} data.seed={dm.seed}; "
-                            "use the same data options as when the memory was pretrained.")
-    return encoder, manifest
+    if len(dirs) == 1:
+        manifest = loaded[0][1]
+        if manifest["facts_sha256"] != dm.facts_hash():
+            raise ArtifactError(f"The memory at {dirs[0]} holds {manifest['num_facts']} facts "
+                                f"({manifest.get('dataset')}, seed {manifest.get('data_seed')}) that differ from the "
+                                f"{len(dm.edits)} edits selected by data={dm.name} data.seed={dm.seed}; "
+                                "use the same data options as when the memory was pretrained.")
+        return loaded
+    union = list(dict.fromkeys(record_from_dict(f) for d in dirs for f in read_facts(d)))
+    dm.use_edits(union)
+    ctx.metrics.update({"num_edits": len(dm.edits), "num_out_of_scope": len(dm.out_of_scope),
+                        "num_memories": len(dirs)})
+    return loaded
+
+
+def _projector_for(encoder: MemoryEncoder, llm, pc: DictConfig) -> MemoryProjector:
+    return MemoryProjector(MemoryProjectorConfig(
+        encoder_dim=encoder.hidden_size, llm_dim=llm.get_input_embeddings().embedding_dim,
+        hidden_dim=pc.hidden_dim, depth=pc.depth, num_tokens=pc.num_tokens, dropout=pc.dropout,
+        position=pc.position, zero_init_output=pc.zero_init_output, gated=pc.gated))
 
 
 def bridge(ctx: RunContext) -> None:
-    """Stage II: train a projector for `llm` on an existing memory, saved as bridges/<llm>/."""
+    """Stage II: train a projector for `llm` on existing memories, saved as bridges/<llm>/.
+
+    With several memories the projectors train jointly (one token block each, concatenated)
+    and each memory stores its projector under the group's bridge name.
+    """
     cfg, bcfg = ctx.cfg, ctx.cfg.model.bridge
     llm, tok = ctx.load_llm()              # an unavailable LLM is the first thing to report
-    encoder, manifest = _memory_for_current_data(ctx)
+    loaded = _memories_for_current_data(ctx)
     dm = ctx.data()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    pc = bcfg.projector
-    projector = MemoryProjector(MemoryProjectorConfig(
-        encoder_dim=encoder.hidden_size, llm_dim=llm.get_input_embeddings().embedding_dim,
-        hidden_dim=pc.hidden_dim, depth=pc.depth, num_tokens=pc.num_tokens, dropout=pc.dropout,
-        position=pc.position, zero_init_output=pc.zero_init_output))
+    projectors = [_projector_for(encoder, llm, bcfg.projector) for encoder, _ in loaded]
+    if bcfg.projector.gated and bcfg.projector.gate_init == "exist_head":
+        for directory, projector, (_, manifest) in zip(ctx.memory_dirs, projectors, loaded):
+            projector.init_gate_from_exist_head(load_exist_head(directory, manifest))
     hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction",
                                "feature_noise")}
-    module = MemoryBridgeModule(llm, tok, encoder, projector, **hp)
+    lora = None
+    if bcfg.lora:
+        if len(loaded) > 1:
+            raise ValueError("model.bridge.lora=true works with one memory; bridge several memories without it.")
+        lora = {"r": bcfg.lora_rank, "alpha": bcfg.lora_alpha,
+                "target_modules": OmegaConf.to_container(bcfg.lora_target_modules) if bcfg.lora_target_modules else None}
+    module = MemoryBridgeModule(llm, tok, [e for e, _ in loaded], projectors, lora=lora, **hp)
     start = time.perf_counter()
     module.prepare([r.prompt for r in dm.edits], [o.prompt for o in dm.out_of_scope])
     dm.connect(tok, batch_size=bcfg.batch_size, out_batch_size=bcfg.out_batch_size)
     trainer = make_trainer(ctx, f"bridge-{cfg.llm.name}", bcfg.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, f"bridge-{cfg.llm.name}"))
     seconds = time.perf_counter() - start
-    projector.eval()
-    n_llm = sum(p.numel() for p in llm.parameters())
-    n_proj = sum(p.numel() for p in projector.parameters())
     logged = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items()}
-    info = {"bridge_seconds": seconds, "projector_params": n_proj, "llm_params": n_llm,
-            "hyperparameters": OmegaConf.to_container(bcfg), "final_losses": logged}
-    save_bridge(ctx.memory_dir, cfg.llm.name, projector, ctx.llm_identity, info)
+    manifests = [m for _, m in loaded]
+    name = bridge_name(cfg.llm.name, manifests)
+    n_llm = sum(p.numel() for n, p in llm.named_parameters() if "lora_" not in n)
+    extra, lora_info = None, {}
+    if lora:
+        adapted = module.edited.llm
+        adapters = lora_state(adapted)
+        lora_info = {"lora": lora, "lora_params": sum(t.numel() for t in adapters.values()),
+                     "lora_sha256": tensors_fingerprint(adapters)}
+        extra = {"lora": lambda path: adapted.save_pretrained(str(path), safe_serialization=True)}
+    n_proj = sum(p.numel() for proj in projectors for p in proj.parameters()) + lora_info.get("lora_params", 0)
+    for i, (directory, projector) in enumerate(zip(ctx.memory_dirs, projectors)):
+        projector.eval()
+        info = {"bridge_seconds": seconds, "projector_params": n_proj, "llm_params": n_llm,
+                "hyperparameters": OmegaConf.to_container(bcfg), "final_losses": logged,
+                "group_encoders": [m["encoder_sha256"] for m in manifests], "group_index": i, **lora_info}
+        save_bridge(directory, name, projector, ctx.llm_identity, info, extra=extra)
+    if lora:
+        # Take the adapters out again: later jobs load the bridge (and its adapters) from disk.
+        ctx.llm = module.edited.llm.unload()
     ctx.metrics.update({"bridge_seconds": seconds, "projector_params": n_proj,
                         "projector_params_pct_of_llm": 100.0 * n_proj / n_llm,
                         **{f"bridge_{k}": v for k, v in logged.items()}})
 
 
 def evaluate(ctx: RunContext) -> None:
-    """Score memory + bridge with the shared evaluator against the unedited LLM."""
+    """Score memory + bridge with the shared evaluator against the unedited LLM.
+
+    With several memories the headline figures are on the union of their facts; each memory's
+    own facts are scored too (`memory<i>_*`), and, where that memory also has a bridge of its
+    own, the single-memory figures and the drop (`memory<i>_drop_*` = single - multi).
+    """
     cfg = ctx.cfg
-    encoder, manifest = _memory_for_current_data(ctx)
+    loaded = _memories_for_current_data(ctx)
     llm, tok = ctx.load_llm()
-    projector, meta = load_bridge(ctx.memory_dir, cfg.llm.name, ctx.llm_identity, manifest)
-    edited = MemoryAugmentedLM(llm, tok, [encoder], [projector]).eval()
+    manifests = [m for _, m in loaded]
+    name = bridge_name(cfg.llm.name, manifests)
+    bridges = [load_bridge(d, name, ctx.llm_identity, m) for d, m in zip(ctx.memory_dirs, manifests)]
+    adapted = load_bridge_adapters(ctx.memory_dirs[0], name, llm, bridges[0][1])
+    edited = MemoryAugmentedLM(adapted, tok, [e for e, _ in loaded], [p for p, _ in bridges]).eval()
+    plain = PlainLM(adapted, tok)            # switches any adapters off
     start = time.perf_counter()
     with progress_bar("evaluating") as advance:
-        m = evaluate_edits(edited, PlainLM(llm, tok), ctx.data().edits, cfg.model.eval.batch_size, advance)
-    ctx.metrics.update(m)
+        m = evaluate_edits(edited, plain, ctx.data().edits, cfg.model.eval.batch_size, advance)
+        ctx.metrics.update(m)
+        if len(loaded) > 1:
+            _score_each_memory(ctx, edited, plain, loaded, advance)
     ctx.metrics["eval_seconds"] = time.perf_counter() - start
-    ctx.metrics["encoder"] = manifest.get("encoder", ctx.metrics.get("encoder"))   # the memory's, not the config's
-    ctx.metrics.setdefault("pretrain_seconds", manifest.get("pretrain_seconds"))
-    ctx.metrics.setdefault("bridge_seconds", meta.get("bridge_seconds"))
+    if adapted is not llm:
+        ctx.llm = adapted.unload()
+    ctx.metrics["encoder"] = manifests[0].get("encoder", ctx.metrics.get("encoder"))   # the memory's, not the config's
+    ctx.metrics.setdefault("pretrain_seconds", manifests[0].get("pretrain_seconds"))
+    ctx.metrics.setdefault("bridge_seconds", bridges[0][1].get("bridge_seconds"))
+
+
+def _score_each_memory(ctx: RunContext, edited: MemoryAugmentedLM, plain: PlainLM,
+                       loaded: list[tuple[MemoryEncoder, dict]], advance) -> None:
+    cfg, keys = ctx.cfg, ("rel", "gen", "loc", "avg")
+    for i, (directory, (encoder, manifest)) in enumerate(zip(ctx.memory_dirs, loaded)):
+        facts = [record_from_dict(f) for f in read_facts(directory)]
+        multi = evaluate_edits(edited, plain, facts, cfg.model.eval.batch_size, advance)
+        ctx.metrics.update({f"memory{i}_{k}": multi[k] for k in keys})
+        if not bridge_dir(directory, cfg.llm.name).is_dir():
+            continue
+        projector, _ = load_bridge(directory, cfg.llm.name, ctx.llm_identity, manifest)
+        alone = MemoryAugmentedLM(edited.llm, edited.tokenizer, [encoder], [projector]).eval()
+        single = evaluate_edits(alone, plain, facts, cfg.model.eval.batch_size, advance)
+        ctx.metrics.update({f"memory{i}_single_{k}": single[k] for k in keys})
+        ctx.metrics.update({f"memory{i}_drop_{k}": single[k] - multi[k] for k in keys})
 
 
 def ask(ctx: RunContext) -> None:
@@ -211,10 +301,10 @@ def ask(ctx: RunContext) -> None:
         raise ValueError('stage=ask needs a question: add +question="Who is ...?" (or a list).')
     questions = [questions] if isinstance(questions, str) else list(questions)
     llm, tok = ctx.load_llm()
-    edited = load_edited_llm(llm, tok, cfg.llm.name, [ctx.memory_dir])
+    edited = load_edited_llm(llm, tok, cfg.llm.name, ctx.memory_dirs)
     before = edited.generate(questions, max_new_tokens=cfg.get("max_new_tokens", 16), use_memory=False)
     after = edited.generate(questions, max_new_tokens=cfg.get("max_new_tokens", 16))
-    table = Table(title=f"{cfg.llm.name} without / with the memory at {ctx.memory_dir}")
+    table = Table(title=f"{cfg.llm.name} without / with the memory at {', '.join(map(str, ctx.memory_dirs))}")
     for col in ("question", "without memory", "with memory"):
         table.add_column(col, overflow="fold")
     for row in zip(questions, before, after):
@@ -242,7 +332,81 @@ class progress_bar:
         return self.progress.__exit__(*exc)
 
 
-JOBS = {"pretrain": pretrain, "bridge": bridge, "eval": evaluate, "ask": ask}
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def llm_config(name: str) -> DictConfig:
+    """The `llm=<name>` config group entry, for jobs that go through several LLMs in one run."""
+    path = CONFIG_DIR / "llm" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "llm").glob("*.yaml"))
+        raise ValueError(f"Unknown LLM {name!r} in stage.llms; choose from {', '.join(known)}.")
+    return OmegaConf.load(path)
+
+
+def crossmodel(ctx: RunContext) -> None:
+    """Bridge one memory to every LLM in `stage.llms` and score each (the paper's Table 1/6).
+
+    The encoder is pretrained once (or taken from memory=DIR); each LLM only adds a projector.
+    Writes crossmodel.json and crossmodel.md and prints one table.
+    """
+    names = list(ctx.cfg.stage.llms)
+    if not names:
+        raise ValueError("stage=crossmodel needs at least one LLM in stage.llms.")
+    for name in names:
+        llm_config(name)                    # unknown names fail before any training
+    if not (ctx.memory_dir / "manifest.json").is_file():
+        pretrain(ctx)
+    manifest = read_manifest(ctx.memory_dir)
+    ctx.data()
+    rows = []
+    for name in names:
+        cfg = ctx.cfg.copy()
+        with open_dict(cfg):
+            cfg.llm = llm_config(name)
+            cfg.memory = str(ctx.memory_dir)
+        sub = RunContext(cfg, ctx.run_dir / "llms" / name, datamodule=ctx.datamodule)
+        sub.run_dir.mkdir(parents=True, exist_ok=True)
+        bridge(sub)
+        evaluate(sub)
+        write_metrics(sub.run_dir / "metrics.json", sub.metrics)
+        m = sub.metrics
+        rows.append({"llm": name, **{k: m.get(k) for k in CROSSMODEL_COLUMNS[1:]},
+                     "llm_params": sum(p.numel() for p in sub.llm.parameters()),
+                     "pretrain_seconds": manifest.get("pretrain_seconds")})
+        del sub                              # free the LLM before loading the next one
+    (ctx.run_dir / "crossmodel.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    (ctx.run_dir / "crossmodel.md").write_text(crossmodel_markdown(rows), encoding="utf-8")
+    ctx.metrics.update({"llms": ",".join(names), "pretrain_seconds": manifest.get("pretrain_seconds")})
+    for row in rows:
+        ctx.metrics.update({f"{row['llm']}_{k}": v for k, v in row.items() if k != "llm"})
+    if ctx.cfg.get("print_table", True):
+        from rich.console import Console
+        from rich.markdown import Markdown
+        Console().print(Markdown(crossmodel_markdown(rows)))
+
+
+CROSSMODEL_COLUMNS = ("llm", "pre_rel", "pre_gen", "rel", "gen", "loc", "avg", "projector_params",
+                      "projector_params_pct_of_llm", "bridge_seconds")
+
+
+def crossmodel_markdown(rows: list[dict]) -> str:
+    """One row per LLM: pre-/post-edit scores, parameters added, bridging vs pretraining time."""
+    head = ("| LLM | pre Rel | pre Gen | Rel | Gen | Loc | Avg | params added | % of LLM | bridge s | "
+            "encoder pretrain s (once) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def f(r: dict, key: str, digits: int = 2) -> str:
+        return "–" if r.get(key) is None else f"{r[key]:.{digits}f}"
+    for r in rows:
+        lines.append(f"| {r['llm']} | {f(r, 'pre_rel')} | {f(r, 'pre_gen')} | {f(r, 'rel')} | {f(r, 'gen')} | "
+                     f"{f(r, 'loc')} | {f(r, 'avg')} | {r['projector_params'] / 1e6:.2f}M | "
+                     f"{f(r, 'projector_params_pct_of_llm', 3)} | {f(r, 'bridge_seconds', 0)} | "
+                     f"{f(r, 'pretrain_seconds', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+JOBS = {"pretrain": pretrain, "bridge": bridge, "eval": evaluate, "ask": ask, "crossmodel": crossmodel}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mindbridge.artifacts import load_bridge, load_memory
+from mindbridge.artifacts import bridge_name, load_bridge, load_bridge_adapters, load_memory
 from mindbridge.bridge import MemoryAugmentedLM
 from mindbridge.loading import model_identity
 
@@ -23,14 +23,16 @@ def load_edited_llm(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ll
                     memories: Sequence[str | Path]) -> MemoryAugmentedLM:
     """Attach memories (each with a bridge for `llm_name`) to a loaded LLM.
 
+    With several memories, the projectors must come from one joint `stage=bridge
+    memory=[DIR1,DIR2,...]` run (they are stored under a group name in each memory).
     Every bridge is checked against the memory's encoder and the LLM's identity; a mismatch is
     refused with an `ArtifactError` saying what differs.
     """
     identity = model_identity(llm, llm_name)
-    encoders, projectors = [], []
-    for directory in memories:
-        encoder, manifest = load_memory(directory)
-        projector, _ = load_bridge(directory, llm_name, identity, manifest)
-        encoders.append(encoder)
-        projectors.append(projector)
-    return MemoryAugmentedLM(llm, tokenizer, encoders, projectors).eval()
+    loaded = [load_memory(directory) for directory in memories]
+    # Several memories read together need the projectors trained together (Multi-MindBridge).
+    name = bridge_name(llm_name, [manifest for _, manifest in loaded])
+    bridges = [load_bridge(directory, name, identity, manifest) for directory, (_, manifest) in zip(memories, loaded)]
+    # Adapters trained with a single memory's bridge (bridge.lora) go into the LLM itself.
+    llm = load_bridge_adapters(memories[0], name, llm, bridges[0][1]) if len(memories) == 1 else llm
+    return MemoryAugmentedLM(llm, tokenizer, [encoder for encoder, _ in loaded], [p for p, _ in bridges]).eval()

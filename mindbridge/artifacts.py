@@ -12,16 +12,20 @@ never leaves a half-written artifact that later loads.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from mindbridge.atomic import write_dir_atomically
-from mindbridge.bridge import MemoryProjector
+from mindbridge.bridge import MemoryProjector, attach_lora, lora_state
 from mindbridge.encoder import MemoryEncoder
-from mindbridge.loading import weights_fingerprint
+from mindbridge.loading import tensors_fingerprint, weights_fingerprint
 
 FORMAT_VERSION = 1
 
@@ -39,18 +43,28 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise ArtifactError(f"{what} is corrupt: {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}).") from None
 
 
+EXIST_HEAD_FILE = "exist_head.safetensors"
+
+
 def save_memory(directory: str | Path, encoder: MemoryEncoder, facts: Sequence, facts_hash: str,
-                info: dict[str, Any]) -> Path:
-    """Save E_m, its facts and a manifest. `facts` are `EditRecord`s (dataclasses)."""
+                info: dict[str, Any], exist_head: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save E_m, its facts and a manifest. `facts` are `EditRecord`s (dataclasses).
+
+    `exist_head` (the state dict of Stage I's existence head H) is kept beside the encoder:
+    a gated projector can start its gate from it.
+    """
     def write(tmp: Path) -> None:
         encoder.mlm.save_pretrained(tmp / "encoder", safe_serialization=True)
         encoder.tokenizer.save_pretrained(tmp / "encoder")
+        if exist_head is not None:
+            save_file({k: v.detach().contiguous() for k, v in exist_head.items()}, str(tmp / EXIST_HEAD_FILE))
         with open(tmp / "facts.jsonl", "w", encoding="utf-8") as fh:
             for rec in facts:
                 fh.write(json.dumps(dataclasses.asdict(rec), ensure_ascii=False) + "\n")
         manifest = {"format_version": FORMAT_VERSION, "kind": "mindbridge_memory",
                     "encoder_sha256": weights_fingerprint(encoder.mlm), "facts_sha256": facts_hash,
                     "num_facts": len(facts), "pooling": encoder.pooling, "max_length": encoder.max_length,
+                    "exist_head_sha256": tensors_fingerprint(exist_head) if exist_head is not None else None,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         (tmp / "bridges").mkdir()
@@ -83,6 +97,44 @@ def load_memory(directory: str | Path, verify: bool = True) -> tuple[MemoryEncod
     return MemoryEncoder(mlm, tokenizer, manifest["pooling"], manifest["max_length"]), manifest
 
 
+def load_exist_head(directory: str | Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Stage I's existence head H saved with a memory, checked against the manifest's hash."""
+    path = Path(directory) / EXIST_HEAD_FILE
+    if not manifest.get("exist_head_sha256"):
+        raise ArtifactError(f"The memory at {directory} was saved without its existence head; pretrain it again "
+                            "or set model.bridge.projector.gate_init=random.")
+    if not path.is_file():
+        raise ArtifactError(f"The memory at {directory} is incomplete: {path} is missing.")
+    state = load_file(str(path))
+    if tensors_fingerprint(state) != manifest["exist_head_sha256"]:
+        raise ArtifactError(f"The existence head in {path} does not match the hash in the memory's manifest; "
+                            "the memory was modified.")
+    return state
+
+
+def read_facts(directory: str | Path) -> list[dict[str, Any]]:
+    """The facts a memory holds, as the dicts written by `save_memory` (one per line)."""
+    path = Path(directory) / "facts.jsonl"
+    if not path.is_file():
+        raise ArtifactError(f"The memory at {directory} is incomplete: {path} is missing.")
+    facts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            facts.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"The memory at {directory} is corrupt: facts.jsonl line {n} is not JSON ({exc.msg}).") from None
+    return facts
+
+
+def bridge_name(llm_name: str, manifests: Sequence[dict[str, Any]]) -> str:
+    """Where a memory keeps its bridge: `<llm>` alone, or, for projectors trained jointly with
+    other memories (Multi-MindBridge), a name that identifies the ordered group of encoders."""
+    if len(manifests) == 1:
+        return llm_name
+    group = hashlib.sha256("|".join(m["encoder_sha256"] for m in manifests).encode()).hexdigest()[:10]
+    return f"{llm_name}+multi{len(manifests)}-{group}"
+
+
 def bridge_dir(memory_dir: str | Path, llm_name: str) -> Path:
     return Path(memory_dir) / "bridges" / llm_name
 
@@ -111,8 +163,11 @@ def load_bridge(memory_dir: str | Path, llm_name: str, llm_identity: dict[str, A
     where = bridge_dir(memory_dir, llm_name)
     if not where.is_dir():
         have = sorted(p.name for p in (Path(memory_dir) / "bridges").glob("*") if not p.name.startswith("."))
-        raise ArtifactError(f"The memory at {memory_dir} has no bridge for LLM '{llm_name}' "
-                            f"(it has: {', '.join(have) or 'none'}); run `python train.py stage=bridge llm={llm_name} memory={memory_dir}`.")
+        base, _, group = llm_name.partition("+multi")
+        how = (f"bridge all the memories together with `python train.py stage=bridge llm={base} memory=[DIR1,DIR2,...]`"
+               if group else f"run `python train.py stage=bridge llm={llm_name} memory={memory_dir}`")
+        raise ArtifactError(f"The memory at {memory_dir} has no bridge '{llm_name}' "
+                            f"(it has: {', '.join(have) or 'none'}); {how}.")
     meta = _read_json(where / "bridge.json", f"The bridge at {where}")
     if meta["encoder_sha256"] != manifest["encoder_sha256"]:
         raise ArtifactError(f"The bridge at {where} was trained against encoder {meta['encoder_sha256'][:12]} "
@@ -127,3 +182,20 @@ def load_bridge(memory_dir: str | Path, llm_name: str, llm_identity: dict[str, A
         raise ArtifactError(f"The projector weights in {where} do not match the hash in bridge.json; the bridge was modified.")
     projector.requires_grad_(False).eval()
     return projector, meta
+
+
+def load_bridge_adapters(memory_dir: str | Path, name: str, llm, meta: dict[str, Any]):
+    """`llm` with the bridge's LoRA adapters attached, or `llm` itself if the bridge has none.
+
+    The adapters are checked against the hash recorded when the bridge was written.
+    """
+    where = bridge_dir(memory_dir, name) / "lora"
+    if "lora_sha256" not in meta:
+        return llm
+    if not (where / "adapter_model.safetensors").is_file():
+        raise ArtifactError(f"The bridge at {where.parent} was trained with LoRA adapters but {where} is missing or incomplete.")
+    adapted = attach_lora(llm, where)
+    if tensors_fingerprint(lora_state(adapted)) != meta["lora_sha256"]:
+        adapted.unload()
+        raise ArtifactError(f"The LoRA adapters in {where} do not match the hash in bridge.json; the bridge was modified.")
+    return adapted

@@ -6,6 +6,7 @@ prompt (no router); L_1 teaches P_m to make F say the edited object for in-scope
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mindbridge.encoder import MemoryEncoder
-from mindbridge.lm import causal_logits, first_token_index, insert_tokens
+from mindbridge.lm import causal_logits, first_token_index, insert_tokens, without_adapters
 from mindbridge.pretraining import mlp
 from mindbridge.tokenization import TeacherForcedBatch, prompt_batch
 
@@ -24,7 +25,7 @@ class MemoryProjectorConfig(PretrainedConfig):
 
     def __init__(self, encoder_dim: int = 384, llm_dim: int = 576, hidden_dim: int | None = None,
                  depth: int = 2, num_tokens: int = 1, dropout: float = 0.2, position: str = "prefix",
-                 zero_init_output: bool = False, **kwargs):
+                 zero_init_output: bool = False, gated: bool = False, gate_hidden: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if position not in ("prefix", "suffix"):
             raise ValueError(f"memory position must be 'prefix' or 'suffix' (got {position!r})")
@@ -33,6 +34,9 @@ class MemoryProjectorConfig(PretrainedConfig):
         # Start every memory at one shared vector (the output bias) so the KL term first learns
         # a token the LLM ignores, and the edits then learn their departures from it.
         self.zero_init_output = zero_init_output
+        # Mix each memory with a learned null token by a gate read off the same memory vector.
+        self.gated = gated
+        self.gate_hidden = gate_hidden or encoder_dim // 2
         self.encoder_dim, self.llm_dim, self.depth = encoder_dim, llm_dim, depth
         self.hidden_dim = hidden_dim or 2 * encoder_dim
         self.num_tokens, self.dropout = num_tokens, dropout
@@ -51,6 +55,12 @@ class MemoryProjector(PreTrainedModel):
         # Memory vectors of one encoder share a large common component (every question looks
         # alike to it); standardising with statistics of the training features makes the
         # differences between facts visible to the MLP from the first step.
+        if config.gated:
+            # g(c) in (0, 1) from the raw memory vector, shaped like the existence head H of
+            # stage I so it can start from H; the null token starts at zero (a key and value
+            # of zero: nearly nothing to attend to).
+            self.gate = mlp(config.encoder_dim, config.gate_hidden, 1, depth=2)
+            self.null_tokens = nn.Parameter(torch.zeros(config.num_tokens, config.llm_dim))
         self.register_buffer("feature_mean", torch.zeros(config.encoder_dim))
         self.register_buffer("feature_scale", torch.ones(config.encoder_dim))
         self.post_init()
@@ -72,8 +82,37 @@ class MemoryProjector(PreTrainedModel):
                 nn.init.uniform_(module.bias, -bound, bound)
 
     def forward(self, memory: torch.Tensor) -> torch.Tensor:
-        out = self.net((memory - self.feature_mean) / self.feature_scale)
-        return out.view(memory.shape[0], self.config.num_tokens, self.config.llm_dim)
+        out = self.net((memory - self.feature_mean) / self.feature_scale).view(memory.shape[0], self.config.num_tokens, self.config.llm_dim)
+        if not self.config.gated:
+            return out
+        # Out-of-scope memories only need to reach the null token (what the KL term asks for),
+        # so L_1 can move the in-scope ones freely instead of fighting the KL term for them.
+        g = self.gate_values(memory)[:, None, None]
+        return g * out + (1 - g) * self.null_tokens
+
+    def gate_values(self, memory: torch.Tensor) -> torch.Tensor:
+        """The gate g(c) `(B,)` of a gated projector (1 = the memory's own token)."""
+        return torch.sigmoid(self.gate(memory)[:, 0])
+
+    @torch.no_grad()
+    def init_gate_from_exist_head(self, head: dict[str, torch.Tensor]) -> None:
+        """Start the gate as Stage I's existence head H: g(c) = P_H(in-scope | c).
+
+        H is a 2-way classifier Linear-ReLU-Linear; the sigmoid of its logit difference is its
+        in-scope probability, so the gate's last layer is the difference of H's two rows.
+        """
+        first, last = self.gate[0], self.gate[-1]
+        layers = sorted({int(k.split(".")[0]) for k in head})     # the two Linear layers of `mlp`
+        if len(layers) != 2:
+            raise ValueError(f"expected an existence head with two linear layers, got {len(layers)}")
+        w1, b1, w2, b2 = (head[f"{i}.{n}"] for i in layers for n in ("weight", "bias"))
+        if w1.shape != first.weight.shape:
+            raise ValueError(f"the existence head has shape {tuple(w1.shape)} but the gate expects "
+                             f"{tuple(first.weight.shape)}")
+        first.weight.copy_(w1)
+        first.bias.copy_(b1)
+        last.weight.copy_((w2[1] - w2[0])[None])
+        last.bias.copy_((b2[1] - b2[0])[None])
 
 
 def answer_loss(logits: torch.Tensor, batch: TeacherForcedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +188,32 @@ class MemoryAugmentedLM(nn.Module):
             embeds, mask = insert_tokens(embeds, mask, self.memory_tokens(prompts).to(embeds.dtype),
                                          self.insert_at(mask, None))
         generate_kwargs.setdefault("do_sample", False)
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
+        with contextlib.nullcontext() if use_memory else without_adapters(self.llm):
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
+
+
+def add_lora(llm: PreTrainedModel, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+             target_modules: Sequence[str] | None = None):
+    """Wrap a frozen LLM with trainable LoRA adapters (peft), as multimodal LLMs do in their
+    second stage. `target_modules=None` takes peft's default projections for the model type."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=list(target_modules) if target_modules else None)
+    return get_peft_model(llm, config)
+
+
+def lora_state(llm) -> dict[str, torch.Tensor]:
+    """The adapter weights of a PEFT-wrapped LLM (what a bridge saves besides its projector)."""
+    from peft import get_peft_model_state_dict
+    return get_peft_model_state_dict(llm)
+
+
+def attach_lora(llm: PreTrainedModel, directory) -> PreTrainedModel:
+    """Load saved bridge adapters into `llm` (in place, as peft does); frozen for inference."""
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(llm, str(directory), is_trainable=False)
+    return model.eval()

@@ -5,6 +5,7 @@ serves Llama, Gemma, GPT-2, GPT-J and MoE layouts without per-architecture branc
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
@@ -29,6 +30,16 @@ def causal_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     out = model(inputs_embeds=embeds, attention_mask=attention_mask,
                 position_ids=position_ids_for(attention_mask), logits_to_keep=keep, use_cache=False)
     return out.logits
+
+
+def without_adapters(model) -> contextlib.AbstractContextManager:
+    """A context in which a PEFT-wrapped LLM behaves exactly as its frozen base model.
+
+    Adapters trained during bridging (`bridge.lora`) are injected into the base model's own
+    layers, so the unedited reference must switch them off rather than call the base model.
+    """
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) else contextlib.nullcontext()
 
 
 def first_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -76,7 +87,8 @@ class PlainLM:
 
     @torch.no_grad()
     def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None):
-        return causal_logits(self.model, input_ids, attention_mask, keep)
+        with without_adapters(self.model):
+            return causal_logits(self.model, input_ids, attention_mask, keep)
 
 
 class PromptKVStore:
@@ -120,9 +132,10 @@ class PromptKVStore:
             mask[b, width - n:] = 1
         cache = DynamicCache(config=self.model.config)
         for layer in range(len(self.keys[index[0]])):
-            k0 = self.keys[index[0]][layer]
+            k0, v0 = self.keys[index[0]][layer], self.values[index[0]][layer]
+            # Values may be narrower than keys (DeepSeek-V2/V3's latent attention).
             ks = k0.new_zeros(len(index), k0.shape[0], width, k0.shape[2])
-            vs = ks.clone()
+            vs = v0.new_zeros(len(index), v0.shape[0], width, v0.shape[2])
             for b, i in enumerate(index):
                 ks[b, :, width - lengths[b]:] = self.keys[i][layer]
                 vs[b, :, width - lengths[b]:] = self.values[i][layer]

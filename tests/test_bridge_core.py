@@ -231,3 +231,35 @@ def test_zero_init_output_starts_every_memory_at_one_vector() -> None:
     assert torch.equal(out, torch.zeros_like(out))
     plain = MemoryProjector(MemoryProjectorConfig(encoder_dim=8, llm_dim=6, depth=2))
     assert plain(torch.randn(5, 8)).std() > 0
+
+
+def test_gated_projector_mixes_memory_and_null_token(tmp_path) -> None:
+    cfg = MemoryProjectorConfig(encoder_dim=8, llm_dim=6, depth=2, num_tokens=2, gated=True)
+    proj = MemoryProjector(cfg).eval()
+    with torch.no_grad():
+        proj.null_tokens.copy_(torch.randn(2, 6))
+    memory = torch.randn(4, 8)
+    g = proj.gate_values(memory)
+    assert g.shape == (4,) and ((g > 0) & (g < 1)).all()
+    own = proj.net((memory - proj.feature_mean) / proj.feature_scale).view(4, 2, 6)
+    expected = g[:, None, None] * own + (1 - g[:, None, None]) * proj.null_tokens
+    torch.testing.assert_close(proj(memory), expected)
+    with torch.no_grad():                   # a closed gate gives exactly the null tokens
+        proj.gate[-1].weight.zero_()
+        proj.gate[-1].bias.fill_(-1e4)
+    torch.testing.assert_close(proj(memory), proj.null_tokens.expand(4, -1, -1))
+    proj.save_pretrained(tmp_path / "p", safe_serialization=True)
+    again = MemoryProjector.from_pretrained(tmp_path / "p", use_safetensors=True).eval()
+    torch.testing.assert_close(again(memory), proj(memory))
+
+
+def test_gate_started_from_the_existence_head_is_its_in_scope_probability() -> None:
+    from mindbridge.pretraining import mlp
+    torch.manual_seed(0)
+    head = mlp(8, 4, 2, depth=2)
+    proj = MemoryProjector(MemoryProjectorConfig(encoder_dim=8, llm_dim=6, gated=True, gate_hidden=4))
+    proj.init_gate_from_exist_head(head.state_dict())
+    memory = torch.randn(5, 8)
+    torch.testing.assert_close(proj.gate_values(memory), torch.softmax(head(memory), -1)[:, 1])
+    with pytest.raises(ValueError, match="shape"):
+        proj.init_gate_from_exist_head(mlp(8, 3, 2, depth=2).state_dict())

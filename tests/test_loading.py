@@ -57,6 +57,20 @@ def test_random_causal_lm_builds_and_runs(model_type: str) -> None:
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_random_moe_defaults_fit_a_tiny_model(model_type: str) -> None:
+    # Only sizes given: full-size defaults that break 4 heads (8 KV heads) or leave top-k unset are adapted.
+    model, tok = load_causal_lm("random", random_config={"model_type": model_type, **TINY})
+    assert model.config.num_attention_heads % model.config.num_key_value_heads == 0
+    assert model.config.num_experts_per_tok >= 1
+    batch = tok(["The Eiffel Tower is in"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+    kept, _ = load_causal_lm("random", random_config={"model_type": model_type, **TINY,
+                                                      "num_key_value_heads": 2, "num_experts_per_tok": 3})
+    assert (kept.config.num_key_value_heads, kept.config.num_experts_per_tok) == (2, 3)
+
+
 def test_random_is_seeded_and_leaves_global_rng_alone() -> None:
     cfg = RANDOM_CAUSAL["llama"]
     torch.manual_seed(123)

@@ -115,3 +115,22 @@ def test_lambda_zero_losses_are_switched_off(tiny_cfg, tmp_path):
     m = train(tiny_cfg("stage=pretrain", "model.pretrain.lambda_exist=0", "model.pretrain.lambda_associate=0",
                        run_dir=run), run)
     assert "pretrain_inject" in m and "pretrain_exist" not in m and "pretrain_associate" not in m
+
+
+def test_memory_keeps_the_existence_head_and_a_gated_bridge_starts_from_it(default_run, tiny_cfg, tmp_path):
+    from mindbridge.artifacts import load_exist_head, read_manifest
+    run, _ = default_run
+    memory = run / "memory"
+    head = load_exist_head(memory, read_manifest(memory))
+    assert {k.split(".")[0] for k in head} == {"0", "3"}
+    copy = tmp_path / "memory"
+    import shutil
+    shutil.copytree(memory, copy)
+    metrics = train(tiny_cfg("stage=bridge", f"memory={copy}", "model.bridge.projector.gated=true"), tmp_path / "gated")
+    assert 0.0 <= metrics["rel"] <= 100.0
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(copy / "exist_head.safetensors")
+    tensors["0.bias"] = tensors["0.bias"] + 1.0
+    save_file(tensors, copy / "exist_head.safetensors")
+    with pytest.raises(ArtifactError, match="existence head"):
+        train(tiny_cfg("stage=bridge", f"memory={copy}", "model.bridge.projector.gated=true"), tmp_path / "tampered")
