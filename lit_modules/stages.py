@@ -18,11 +18,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.datamodule import EditDataModule
-from lit_modules.bridge import MemoryBridgeModule
-from lit_modules.pretrain import MemoryPretrainModule
 from data.records import record_from_dict
-from mindbridge.artifacts import (ArtifactError, bridge_dir, bridge_name, load_bridge, load_bridge_adapters, load_exist_head, load_memory, read_facts,
-                                  read_manifest,
+from lit_modules.bridge import MemoryBridgeModule
+from lit_modules.neuraldb import neuraldb
+from lit_modules.pretrain import MemoryPretrainModule
+from mindbridge.artifacts import (ArtifactError, bridge_dir, bridge_name, directory_digest, load_bridge,
+                                  load_bridge_adapters, load_exist_head, load_memory, read_facts, read_manifest,
                                   save_bridge, save_memory)
 from mindbridge.bridge import MemoryAugmentedLM, MemoryProjector, MemoryProjectorConfig, lora_state
 from mindbridge.encoder import MemoryEncoder
@@ -358,6 +359,7 @@ def crossmodel(ctx: RunContext) -> None:
     if not (ctx.memory_dir / "manifest.json").is_file():
         pretrain(ctx)
     manifest = read_manifest(ctx.memory_dir)
+    encoder_before = directory_digest(ctx.memory_dir / "encoder")
     ctx.data()
     rows = []
     for name in names:
@@ -375,15 +377,19 @@ def crossmodel(ctx: RunContext) -> None:
                      "llm_params": sum(p.numel() for p in sub.llm.parameters()),
                      "pretrain_seconds": manifest.get("pretrain_seconds")})
         del sub                              # free the LLM before loading the next one
+    # The cross-model claim: bridging never touches the memory's encoder.
+    unchanged = directory_digest(ctx.memory_dir / "encoder") == encoder_before
+    table = crossmodel_markdown(rows) + f"\nEncoder files byte-identical before and after bridging: {unchanged}.\n"
     (ctx.run_dir / "crossmodel.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    (ctx.run_dir / "crossmodel.md").write_text(crossmodel_markdown(rows), encoding="utf-8")
-    ctx.metrics.update({"llms": ",".join(names), "pretrain_seconds": manifest.get("pretrain_seconds")})
+    (ctx.run_dir / "crossmodel.md").write_text(table, encoding="utf-8")
+    ctx.metrics.update({"llms": ",".join(names), "pretrain_seconds": manifest.get("pretrain_seconds"),
+                        "encoder_files_unchanged": unchanged, "encoder_files_sha256": encoder_before})
     for row in rows:
         ctx.metrics.update({f"{row['llm']}_{k}": v for k, v in row.items() if k != "llm"})
     if ctx.cfg.get("print_table", True):
         from rich.console import Console
         from rich.markdown import Markdown
-        Console().print(Markdown(crossmodel_markdown(rows)))
+        Console().print(Markdown(table))
 
 
 CROSSMODEL_COLUMNS = ("llm", "pre_rel", "pre_gen", "rel", "gen", "loc", "avg", "projector_params",
@@ -406,7 +412,8 @@ def crossmodel_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-JOBS = {"pretrain": pretrain, "bridge": bridge, "eval": evaluate, "ask": ask, "crossmodel": crossmodel}
+JOBS = {"pretrain": pretrain, "bridge": bridge, "eval": evaluate, "ask": ask, "crossmodel": crossmodel,
+        "neuraldb": neuraldb}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -420,8 +427,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     for job in cfg.stage.jobs:
         JOBS[job](ctx)
     m = ctx.metrics
-    m["train_seconds"] = sum(m.get(k) or 0.0 for k in ("pretrain_seconds", "bridge_seconds"))
-    m["edit_seconds"] = m["train_seconds"]     # MindBridge edits by training the memory and bridge
+    # MindBridge edits by training the memory and the bridge; other methods set their own.
+    m.setdefault("train_seconds", sum(m.get(k) or 0.0 for k in ("pretrain_seconds", "bridge_seconds")))
+    m.setdefault("edit_seconds", m["train_seconds"])
     write_metrics(ctx.run_dir / "metrics.json", m)
     return m
 

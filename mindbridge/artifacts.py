@@ -73,6 +73,16 @@ def save_memory(directory: str | Path, encoder: MemoryEncoder, facts: Sequence, 
     return write_dir_atomically(directory, write)
 
 
+def directory_digest(directory: str | Path) -> str:
+    """sha256 over every file's relative path and bytes: equal digests mean byte-identical trees."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(directory)).encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():

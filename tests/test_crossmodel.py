@@ -25,6 +25,10 @@ def test_one_memory_bridged_to_several_llm_families(tiny_cfg, tmp_path):
         assert per_llm["rel"] == r["rel"] and metrics[f"{r['llm']}_rel"] == r["rel"]
     table = (run / "crossmodel.md").read_text()
     assert "| tiny_llama |" in table and "| tiny_gpt2 |" in table
+    from mindbridge.artifacts import directory_digest
+    assert metrics["encoder_files_unchanged"] is True
+    assert metrics["encoder_files_sha256"] == directory_digest(run / "memory" / "encoder")
+    assert "byte-identical before and after bridging: True" in table
     # Both bridges were trained against the one encoder written before them.
     encoder_hashes = {json.loads((run / "memory" / "bridges" / r["llm"] / "bridge.json").read_text())["encoder_sha256"]
                       for r in rows}

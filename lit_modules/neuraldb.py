@@ -1,0 +1,178 @@
+"""NeuralDB as a stage (`stage=neuraldb`): edit through the shared datamodule, score with the shared evaluator.
+
+The method itself is `mindbridge.neuraldb`; this file maps the run's config onto it, drives the
+editing as a Lightning loop (one training step = one batch of facts written into the database)
+and records what was measured.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mindbridge.evaluation import evaluate_edits
+from mindbridge.neuraldb import EditHParams, Fact, NeuralDB, decoder_layers
+
+MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "neuraldb.yaml"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def neuraldb_config(cfg: DictConfig) -> DictConfig:
+    """NeuralDB's hyperparameters: `cfg.model` under `model=neuraldb`, else configs/model/neuraldb.yaml.
+
+    Hydra cannot override the `model` group from inside a stage file (stage comes first in the
+    defaults list), so `stage=neuraldb` alone would otherwise run with MindBridge's model config.
+    """
+    if cfg.model.get("name") == "neuraldb":
+        return cfg.model
+    return OmegaConf.load(MODEL_CONFIG)
+
+
+def resolve_layer(hp: DictConfig, llm_name: str, llm) -> int:
+    """`layer`, else the per-LLM table, else floor(layer_fraction · L), never the last layer."""
+    if hp.get("layer") is not None:
+        return int(hp.layer)
+    table = hp.get("layers") or {}
+    if llm_name in table:
+        return int(table[llm_name])
+    n = len(decoder_layers(llm)[1])
+    return max(0, min(int(hp.layer_fraction * n), n - 2))
+
+
+def facts_for(records) -> list[Fact]:
+    """One fact per edit record, id = case_id (made unique if a file repeats one)."""
+    facts = [Fact.from_record(r) for r in records]
+    if len({f.id for f in facts}) < len(facts):
+        facts = [Fact(f"{f.id}#{i}", f.subject, f.prompt, f.target) for i, f in enumerate(facts)]
+    return facts
+
+
+class NeuralDBModule(L.LightningModule):
+    """Editing as a Lightning loop: each training step writes one batch of edits into the database.
+
+    Nothing here has parameters: the residuals are optimised inside `NeuralDB.add` (one Adam
+    per batch of facts, against the frozen LLM), so optimisation is manual and the database,
+    not a checkpoint, is the artifact.
+    """
+
+    def __init__(self, db: NeuralDB, facts: list[Fact]):
+        super().__init__()
+        self.automatic_optimization = False
+        self.db, self.facts = db, facts      # NeuralDB is not an nn.Module: the LLM stays outside
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        edit = batch["edit"]
+        report = self.db.add([self.facts[i] for i in edit["index"].tolist()])
+        self.log_dict({f"train/{k}": float(report[k]) for k in ("final_loss", "final_nll", "steps", "residual_norm")},
+                      on_step=True, on_epoch=False, batch_size=len(edit["index"]))
+        self.log("facts", float(len(self.db)), prog_bar=True, on_step=True, batch_size=1)
+
+    def configure_optimizers(self):
+        return None
+
+
+def _trainer(ctx, hp_batches: int) -> L.Trainer:
+    """The run's Trainer without checkpoints (the database is saved instead) or gradient clipping."""
+    from lit_modules.stages import RunContext, make_trainer
+    cfg = copy.deepcopy(ctx.cfg)
+    with open_dict(cfg):
+        cfg.trainer.gradient_clip_val = None
+        if cfg.get("callbacks") and "checkpoint" in cfg.callbacks:
+            cfg.callbacks.checkpoint = None
+        cfg.trainer.log_every_n_steps = max(1, min(int(cfg.trainer.get("log_every_n_steps") or 1), hp_batches))
+    return make_trainer(RunContext(cfg, ctx.run_dir), "neuraldb", 1)
+
+
+def neuraldb(ctx) -> None:
+    """Build the database of `data`'s edits in `llm`, calibrate γ, save it, evaluate it.
+
+    Writes `<run dir>/neuraldb/` (database.safetensors, facts.jsonl, manifest.json) and adds
+    γ, its calibration, gate fire rates and edit throughput to the metrics.
+    """
+    from lit_modules.stages import progress_bar
+    cfg = ctx.cfg
+    hp = neuraldb_config(cfg)
+    llm, tok = ctx.load_llm()
+    dm = ctx.data()
+    ctx.metrics.update({"method": "neuraldb", "encoder": "none"})
+    edit_hp = EditHParams.from_dict(OmegaConf.to_container(hp, resolve=True))
+    layer = resolve_layer(hp, cfg.llm.name, llm)
+    db = NeuralDB(llm, tok, layer, llm_identity=ctx.llm_identity, gamma=hp.gamma, hparams=edit_hp,
+                  key_dtype=_DTYPES[hp.get("key_dtype", "float32")], chunk_size=hp.get("chunk_size"))
+    try:
+        facts = facts_for(dm.edits)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        start = time.perf_counter()
+        templates = db.templates                     # generated once per model, counted as editing
+        dm.connect(None, batch_size=edit_hp.batch_size, out_batch_size=1)
+        batches = -(-len(facts) // edit_hp.batch_size)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
+            _trainer(ctx, batches).fit(NeuralDBModule(db, facts), datamodule=dm)
+        edit_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        oos = [o.prompt for o in dm.out_of_scope][:int(hp.calibration.max_prompts)]
+        if hp.gamma is None:
+            c = hp.calibration
+            db.calibrate(oos, c.in_scope, c.in_quantile, c.out_quantile, c.position)
+        calibration_seconds = time.perf_counter() - start
+
+        diag = _fire_rates(db, dm.edits, facts, oos)
+        stats = db.stats
+        ctx.metrics.update({
+            "gamma": db.gamma, "gamma_source": db.gamma_source, **db.calibration, **diag,
+            "neuraldb_layer": layer, "neuraldb_site": db.site.path, "neuraldb_site_kind": db.site.kind,
+            "num_facts": len(db), "num_templates": len(templates), "db_bytes": db.nbytes,
+            "db_mb": db.nbytes / 2**20, "key_dim": int(db.gate.keys_hat.shape[1]),
+            "residual_dim": int(db.gate.residuals.shape[1]), "key_collisions": db.collisions,
+            "subject_not_found": int((stats["subject_found"] == 0).sum()),
+            "residual_steps_mean": float(stats["steps"].mean()),
+            "residual_final_loss_mean": float(stats["final_loss"].mean()),
+            "residual_final_nll_mean": float(stats["final_nll"].mean()),
+            "residual_early_stopped_pct": 100.0 * float((stats["final_loss"] < edit_hp.early_stop_loss).float().mean()),
+            "residual_norm_mean": float(db.gate.residuals.norm(dim=-1).mean()),
+            "key_cos_subject_mean": float(stats["cos_subject"].mean()),
+            "key_cos_templates_mean": float(stats["cos_loo"].mean()),
+            "edit_seconds": edit_seconds, "calibration_seconds": calibration_seconds,
+            "train_seconds": edit_seconds + calibration_seconds,
+            "edit_facts_per_second": len(facts) / edit_seconds if edit_seconds > 0 else float("nan"),
+        })
+        out_dir = db.save(ctx.run_dir / "neuraldb", info={"dataset": dm.name, "data_seed": dm.seed,
+                                                          "edit_seconds": edit_seconds})
+        ctx.metrics["neuraldb_dir"] = str(out_dir)
+
+        start = time.perf_counter()
+        db.gate.positions_seen = db.gate.positions_fired = 0
+        with progress_bar("evaluating") as advance:
+            ctx.metrics.update(evaluate_edits(db, db.unedited, dm.edits, int(hp.eval.batch_size), advance))
+        ctx.metrics["eval_seconds"] = time.perf_counter() - start
+        ctx.metrics["gate_fired_positions_eval_pct"] = (
+            100.0 * db.gate.positions_fired / max(1, db.gate.positions_seen))
+    finally:
+        db.remove()                                  # later jobs get the unedited LLM back
+
+
+def _fire_rates(db: NeuralDB, edits, facts: list[Fact], oos: list[str]) -> dict[str, float]:
+    """How often the gate fires, from the keys alone (spec §9's diagnostic; nothing is tuned on it).
+
+    rel / gen: % of edit prompts / paraphrases on which the gate fires with the edit's own fact
+    (and `_other`: with some other fact); loc: % of locality prompts on which it fires at all;
+    oos: the same on the out-of-scope prompts used for calibration.
+    """
+    row = {fid: i for i, fid in enumerate(db.ids)}          # the database keeps insertion order
+    owner = [row[f.id] for f in facts]
+    rel = db.fire_rates([r.prompt for r in edits], owner)
+    para = [(p, owner[i]) for i, r in enumerate(edits) for p in r.rephrase_prompts]
+    gen = db.fire_rates([p for p, _ in para], [i for _, i in para])
+    loc = db.fire_rates([p for r in edits for p in r.loc_prompts], [None] * sum(len(r.loc_prompts) for r in edits))
+    out = db.fire_rates(oos, [None] * len(oos))
+    return {"gate_fire_rel_pct": rel["own"], "gate_fire_rel_other_pct": rel["other"],
+            "gate_fire_gen_pct": gen["own"], "gate_fire_gen_other_pct": gen["other"],
+            "gate_fire_loc_pct": loc["any"], "gate_fire_oos_pct": out["any"],
+            "gate_fired_positions_loc_pct": loc["positions"]}
