@@ -129,18 +129,22 @@ def main() -> None:
     ap.add_argument("--experiment", default="scale_counterfact")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra Hydra overrides, e.g. data.max_out_of_scope=1000")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from lit_modules.stages import RunContext
-    base = compose([f"experiment={args.experiment}"])
+    base = compose([f"experiment={args.experiment}", *args.set])
     llm, tok = RunContext(base, ROOT).load_llm()
     rows = []
     for n in args.sizes:
-        rows.append(measure(compose([f"experiment={args.experiment}", f"data.num_edits={n}"]), n, args.steps, llm, tok))
+        rows.append(measure(compose([f"experiment={args.experiment}", *args.set, f"data.num_edits={n}"]),
+                            n, args.steps, llm, tok))
         print(json.dumps(rows[-1]), flush=True)
     # Linearity: cached bytes per edit should not grow with N.
     per_edit = [r["cached_bytes_per_edit"] for r in rows]
-    result = {"benchmark": "scale", "experiment": args.experiment, "llm": base.llm.name, "encoder": base.encoder.name,
+    result = {"benchmark": "scale", "experiment": args.experiment, "overrides": args.set, "llm": base.llm.name,
+              "encoder": base.encoder.name,
               "threads": args.threads, "machine": platform.machine(), "python": platform.python_version(),
               "torch": torch.__version__, "rows": rows,
               "cached_bytes_per_edit_ratio_largest_to_smallest": per_edit[-1] / per_edit[0],
