@@ -23,6 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import write_result  # noqa: E402
+
 
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
@@ -149,10 +151,7 @@ def main() -> None:
               "torch": torch.__version__, "rows": rows,
               "cached_bytes_per_edit_ratio_largest_to_smallest": per_edit[-1] / per_edit[0],
               "full_run_estimate": extrapolate(rows, base)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

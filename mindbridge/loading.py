@@ -158,9 +158,12 @@ def _sync_generation_pad(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -
 
 
 def _load_local_dir(
-    model_cls: Any, path: Path, what: str, *, dtype: torch.dtype | None = None, quiet: bool = False
+    model_cls: Any, path: Path, what: str, *, dtype: torch.dtype | None = None, quiet: bool = False,
+    unreadable: str = "{what} directory {path!r} could not be loaded ({cause}); "
+                      "check that it holds a complete Hugging Face model and tokenizer.",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``from_pretrained`` on a local HF directory, with load errors made one sentence."""
+    """``from_pretrained`` on a local HF directory, with load errors made one sentence
+    (``unreadable``, formatted with ``what``, ``path`` and ``cause``)."""
     if not path.is_dir():
         raise ModelUnavailableError(
             f"{what} directory {str(path)!r} does not exist; pass a local Hugging Face model directory."
@@ -171,10 +174,7 @@ def _load_local_dir(
             model = model_cls.from_pretrained(str(path), **kwargs)
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise ModelUnavailableError(
-            f"{what} directory {str(path)!r} could not be loaded ({_first_line(e)}); "
-            "check that it holds a complete Hugging Face model and tokenizer."
-        ) from e
+        raise ModelUnavailableError(unreadable.format(what=what, path=str(path), cause=_first_line(e))) from e
     return model, tok
 
 
@@ -382,16 +382,9 @@ _PACKAGED_LLMS: dict[str, tuple[str, Callable[[], Path]]] = {
 
 def _load_packaged_llm(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     label, cache_dir = _PACKAGED_LLMS[source]
-    cache = cache_dir()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(cache))
-    except (OSError, ValueError) as e:
-        raise ModelUnavailableError(
-            f"The {label} cache at {str(cache)!r} is unreadable ({_first_line(e)}); "
-            "delete that directory so it is rebuilt from the package."
-        ) from e
-    return model, tok
+    return _load_local_dir(AutoModelForCausalLM, cache_dir(), label, dtype=dtype,
+                           unreadable="The {what} cache at {path!r} is unreadable ({cause}); "
+                                      "delete that directory so it is rebuilt from the package.")
 
 
 def _smollm2_tokenizer() -> PreTrainedTokenizerBase:
