@@ -54,6 +54,27 @@ def print_table(metrics: dict) -> None:
     Console().print(f"time: {times}")
 
 
+def unknown_group_option(argv: list[str], config_dir: str | Path = CONFIG_DIR) -> str | None:
+    """One sentence for a `group=name` override whose name has no config file, else None.
+
+    Hydra would stop too, but with a multi-line message; this names the choices in one line.
+    """
+    config_dir = Path(config_dir)
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = key.split("@", 1)[0]
+        if not sep or "/" in group or not (config_dir / group).is_dir():
+            continue
+        if value in ("", "null") or "${" in value:
+            continue
+        # Multirun sweeps (`-m llm=a,b`) name several choices; each must exist.
+        for name in value.strip("[]").split(","):
+            if not (config_dir / group / f"{name}.yaml").is_file():
+                choices = sorted(f.stem for f in (config_dir / group).glob("*.yaml"))
+                return f"unknown {group} '{name}'; the choices are: {', '.join(choices)}."
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     run_dir = cfg.run_dir
@@ -76,4 +97,8 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    problem = unknown_group_option(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -12,13 +12,14 @@ tokenizer (memory pretraining tokenises with its own encoder tokenizer) batches 
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from data.readers import BUNDLED_DEFAULTS, bundled_path, read_records
 from data.records import EditRecord, IrrelevantRecord, content_hash
@@ -41,16 +42,26 @@ class CyclingSampler(Sampler[int]):
 
     The out-of-scope stream is usually longer or shorter than the edit set; the edit set defines
     the epoch and this stream just keeps cycling, continuing where the last epoch stopped.
+    `set_epoch(e)` (called by Lightning) jumps to where epoch `e` starts in that sequence, so a
+    resumed run draws exactly what an uninterrupted one would.
     """
 
     def __init__(self, size: int, num_samples: int, seed: int):
         self.size, self.num_samples, self.seed = size, num_samples, seed
         self._round, self._order, self._pos = 0, [], 0
 
+    def _shuffle(self, round_: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_)
+        return torch.randperm(self.size, generator=gen).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        start = epoch * self.num_samples
+        self._round, self._pos = start // self.size + 1, start % self.size
+        self._order = self._shuffle(self._round - 1)
+
     def _next(self) -> int:
         if self._pos >= len(self._order):
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._round)
-            self._order, self._pos, self._round = torch.randperm(self.size, generator=gen).tolist(), 0, self._round + 1
+            self._order, self._pos, self._round = self._shuffle(self._round), 0, self._round + 1
         self._pos += 1
         return self._order[self._pos - 1]
 
@@ -73,6 +84,11 @@ class LengthGroupedBatches(Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
         self.epoch = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this before every epoch: the shuffle depends on the epoch, not on how
+        many epochs this object has seen (a resumed run makes a fresh one)."""
+        self.epoch = epoch
+
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self.epoch += 1
@@ -86,6 +102,76 @@ class LengthGroupedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside torch.distributed)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RankShard(Sampler[list[int]]):
+    """Split every batch of `batches` across the processes of a distributed run.
+
+    Every rank draws the same global batches (same seeds) and keeps its stride of each, so a
+    DDP run sees the same global batches, in the same order, and takes the same number of
+    optimizer steps as one process (gradients are averaged over ranks). A batch smaller than
+    the number of ranks is repeated to give every rank at least one row. Outside
+    torch.distributed this passes the batches through unchanged.
+    """
+
+    def __init__(self, batches: Sampler[list[int]]):
+        self.batches = batches
+        # Lightning calls `set_epoch` on `loader.batch_sampler.sampler`: the epoch-seeded sampler
+        # (a BatchSampler's index sampler, or the batch sampler itself).
+        self.sampler = getattr(batches, "sampler", batches)
+
+    def __iter__(self):
+        rank, world = _rank_and_world()
+        for batch in self.batches:
+            batch = list(batch)
+            if world > 1:
+                batch = (batch * world)[:max(len(batch), world)][rank::world]
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that continues a resumed epoch exactly where the checkpoint left it.
+
+    `position()` gives (epoch, batches of it already trained) from the trainer's progress, which
+    Lightning restores from the checkpoint. When iteration starts, the epoch-seeded sampler is set
+    to that epoch and the batches already trained are skipped, so a run killed mid-epoch and
+    resumed draws the same batches as an uninterrupted one. It is read when the first batch is
+    fetched, not from `set_epoch`: Lightning may fetch a batch before it calls `set_epoch`.
+    """
+
+    def __init__(self, *args, position=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict:
+        # Recorded for inspection; resuming reads the trainer's restored progress instead.
+        epoch, done = self.position() if self.position else (None, 0)
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        epoch, done = self.position() if self.position else (None, 0)
+        sampler = getattr(self.batch_sampler, "sampler", None)
+        if epoch is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        skip = done if 0 < done < len(self) else 0
+        yield from itertools.islice(super().__iter__(), skip, None)
 
 
 class EditDataModule(L.LightningDataModule):
@@ -187,11 +273,25 @@ class EditDataModule(L.LightningDataModule):
                                                                        self.max_prompt_tokens)
         return batch
 
+    def _position(self) -> tuple[int | None, int]:
+        """(epoch, batches of it done) while a trainer fits this datamodule, else (None, 0)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return None, 0
+        loop = trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+    def _loader(self, items: Sequence, batches: Sampler[list[int]], collate) -> DataLoader:
+        # Its own generator: iterating a DataLoader must not draw from the global torch RNG, which
+        # a resumed run restores from the checkpoint (dropout, noise).
+        return ResumableDataLoader(_Indexed(items), batch_sampler=RankShard(batches), collate_fn=collate,
+                                   num_workers=self.num_workers, position=self._position,
+                                   generator=torch.Generator().manual_seed(self.seed))
+
     def edit_dataloader(self) -> DataLoader:
         """Edits in shuffled batches of similar target length (a length proxy: characters)."""
         sampler = LengthGroupedBatches([len(r.target_new) for r in self.edits], self.batch_size, self.seed)
-        return DataLoader(_Indexed(self.edits), batch_sampler=sampler, collate_fn=self._collate_edits,
-                          num_workers=self.num_workers)
+        return self._loader(self.edits, sampler, self._collate_edits)
 
     def out_dataloader(self) -> DataLoader:
         if not self.out_of_scope:
@@ -199,8 +299,8 @@ class EditDataModule(L.LightningDataModule):
                              "Lower data.num_edits or add data.pool_path=FILE.")
         steps = -(-len(self.edits) // self.batch_size)          # batches in one pass over the edits
         sampler = CyclingSampler(len(self.out_of_scope), steps * self.out_batch_size, self.seed + 1)
-        return DataLoader(_Indexed(self.out_of_scope), batch_size=self.out_batch_size, sampler=sampler,
-                          collate_fn=self._collate_out, num_workers=self.num_workers)
+        return self._loader(self.out_of_scope, BatchSampler(sampler, self.out_batch_size, drop_last=False),
+                            self._collate_out)
 
     def train_dataloader(self) -> CombinedLoader:
         # Both loaders yield the same number of batches: one epoch is one pass over the edits.

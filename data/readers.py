@@ -303,7 +303,8 @@ def _decode(path: Path) -> str:
 def _parse_json_lines(path: Path, text: str) -> list[Any]:
     """One JSON value per non-blank line."""
     items = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    # Only \n ends a JSON line: str.splitlines() would also split inside strings at U+0085, U+2028, ...
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

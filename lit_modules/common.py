@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import lightning as L
 import torch
@@ -42,9 +43,56 @@ class TrainableOnlyCheckpoint(L.LightningModule):
         training = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k.startswith(keep) or k in training}
+        # Random state, so a resumed run draws the same masks, dropout and noise as an
+        # uninterrupted one (plain tensors and tuples: loadable with weights_only=True).
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    **{name: rng.getstate() for name, rng in self._python_rngs().items()}}
+        facts = self._facts_sha256()
+        if facts:
+            checkpoint["facts_sha256"] = facts
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved, facts = checkpoint.get("facts_sha256"), self._facts_sha256()
+        if saved and facts and saved != facts:
+            from mindbridge.artifacts import ArtifactError
+            raise ArtifactError(f"The checkpoint being resumed was trained on other facts (sha256 {saved[:12]}) "
+                                f"than this run's edits ({facts[:12]}); resume with the data options it was "
+                                "started with, or start without ckpt_path.")
+        states = checkpoint.get("rng_states") or {}
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        for name, rng in self._python_rngs().items():
+            if name in states:
+                rng.setstate(_as_tuples(states[name]))
+
+    def on_train_start(self) -> None:
+        # Resumed mid-epoch, Lightning skips `on_train_epoch_start`; a module that sets up its
+        # epoch there (e.g. which parameters train in this curriculum phase) needs it anyway.
+        if self.trainer.fit_loop.restarted_mid_epoch:
+            self.on_train_epoch_start()
+
+    def _python_rngs(self) -> dict[str, random.Random]:
+        return {name: value for name, value in vars(self).items() if isinstance(value, random.Random)}
+
+    def _facts_sha256(self) -> str | None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return datamodule.facts_hash() if hasattr(datamodule, "facts_hash") else None
 
     def epoch_steps(self) -> tuple[int, int]:
         """(total optimizer steps, steps per epoch) as the trainer will run them."""
-        total = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        # Counted from the datamodule's loader, not `trainer.estimated_stepping_batches`: that sets
+        # Lightning's data up before a checkpoint is restored, so a resumed run would fetch its
+        # first batch from the wrong place in the epoch.
+        trainer = self.trainer
+        loader = trainer.datamodule.train_dataloader()
+        batches = min(len(dl) for dl in getattr(loader, "flattened", [loader]))     # CombinedLoader "min_size"
+        per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        total = per_epoch * max(1, trainer.max_epochs or 1)
+        if trainer.max_steps and trainer.max_steps > 0:
+            total = min(total, trainer.max_steps)
         return total, per_epoch
+
+
+def _as_tuples(value):
+    """`random.Random.setstate` wants the nested tuples `getstate` gave (a checkpoint may hold lists)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -16,13 +16,18 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
     Epochs [0, inject_epochs): inject only, E_m trains. Next `heads_epochs`: all losses, E_m
     frozen (H and Q_M catch up). Then all losses, everything trains. `joint_from_start` skips
     the curriculum (the paper's single summed objective).
+
+    Prefix augmentation (official code, spec §5): with probability `prefix_prob` an edit's text
+    gets a random distractor prefix before the encoder reads it (the official pool is 25% blank,
+    i.e. prefix_prob 0.75). Our prefixes are out-of-scope prompts of the same batch: text of
+    records that are not edited, never evaluated, so no extra data is needed.
     """
 
     def __init__(self, encoder: MemoryEncoder, lambda_inject: float = 1.0, lambda_associate: float = 1.0,
                  lambda_exist: float = 1.0, inject_epochs: int = 10, heads_epochs: int = 2,
                  joint_epochs: int = 20, joint_from_start: bool = False, lr: float = 2e-4,
                  weight_decay: float = 0.01, warmup_fraction: float = 0.05, span_mask_prob: float = 0.5,
-                 word_mask_prob: float = 0.1, seed: int = 0):
+                 word_mask_prob: float = 0.1, prefix_prob: float = 0.0, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         self.writer = MemoryWriter(encoder)
@@ -56,7 +61,7 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
         phase = self.phase(self.current_epoch)
         edit, out = batch["edit"], batch["out"]
         tok, max_len = self.encoder.tokenizer, self.encoder.max_length
-        facts = list(zip(edit["subject"], edit["prompt"], edit["target"]))
+        facts = list(zip(edit["subject"], self.with_prefixes(edit["prompt"], out["prompt"]), edit["target"]))
         use_inject = hp.lambda_inject > 0
         use_assoc = phase != "inject" and hp.lambda_associate > 0
         use_exist = phase != "inject" and hp.lambda_exist > 0
@@ -65,7 +70,9 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
         if phase == "heads" and not (use_assoc or use_exist):
             return None          # the heads phase trains only H and Q_M; with λ2 = λ3 = 0 it has nothing to do
         inject = inject_batch(tok, facts, self.rng, max_len, hp.span_mask_prob, hp.word_mask_prob) if use_inject else None
-        associate = (edit["prompt"], associate_batch(tok, [(p, o) for _, p, o in facts], max_len)) if use_assoc else None
+        # The memory (encoder side) reads the prefixed prompt; the frozen copy M reads the bare fact.
+        associate = ([p for _, p, _ in facts],
+                     associate_batch(tok, list(zip(edit["prompt"], edit["target"])), max_len)) if use_assoc else None
         exist = None
         if use_exist:
             # Balanced in-scope (edited prompts, shared with the associate rows) vs out-of-scope
@@ -83,6 +90,13 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
             self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs, prog_bar=k in ("inject", "exist_acc"))
         self.log("train/loss", total, on_step=False, on_epoch=True, batch_size=bs)
         return total
+
+    def with_prefixes(self, prompts: list[str], pool: list[str]) -> list[str]:
+        """Prepend a random prefix from `pool` to each prompt with probability `prefix_prob`."""
+        if self.hparams.prefix_prob <= 0 or not pool:
+            return list(prompts)
+        return [f"{self.rng.choice(pool)} {p}" if self.rng.random() < self.hparams.prefix_prob else p
+                for p in prompts]
 
     def configure_optimizers(self):
         params = [p for n, p in self.writer.named_parameters() if not n.startswith("frozen_copy.")]

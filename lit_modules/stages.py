@@ -14,6 +14,8 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -21,7 +23,9 @@ from data.datamodule import EditDataModule
 from data.records import record_from_dict
 from lit_modules.bridge import MemoryBridgeModule
 from lit_modules.neuraldb import neuraldb
+from lit_modules.unike import unike, unike_ablation, unike_mm
 from lit_modules.pretrain import MemoryPretrainModule
+from lit_modules.wise import wise
 from mindbridge.artifacts import (ArtifactError, bridge_dir, bridge_name, directory_digest, load_bridge,
                                   load_bridge_adapters, load_exist_head, load_memory, read_facts, read_manifest,
                                   save_bridge, save_memory)
@@ -90,22 +94,36 @@ def make_trainer(ctx: RunContext, stage: str, max_epochs: int) -> L.Trainer:
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is None:                      # a callback switched off with callbacks.NAME=null
             continue
-        if name == "checkpoint":
+        if issubclass(hydra.utils.get_class(cb._target_), ModelCheckpoint):    # every one writes to the stage's dir
             callbacks.append(hydra.utils.instantiate(cb, dirpath=str(ctx.run_dir / "checkpoints" / stage)))
         else:
             callbacks.append(hydra.utils.instantiate(cb))
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") and "_target_" in cfg.logger else False
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=logger,
-                     default_root_dir=str(ctx.run_dir), enable_checkpointing=any(
-                         type(c).__name__ == "ModelCheckpoint" for c in callbacks), **args)
+    if isinstance(args.get("strategy"), dict):            # a strategy with arguments (trainer=fsdp)
+        args["strategy"] = hydra.utils.instantiate(cfg.trainer.strategy)
+    try:
+        return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=logger,
+                         default_root_dir=str(ctx.run_dir), enable_checkpointing=any(
+                             isinstance(c, ModelCheckpoint) for c in callbacks), **args)
+    except (MisconfigurationException, ImportError, ValueError) as exc:
+        # A strategy or accelerator this machine cannot run (no GPU, DeepSpeed not installed).
+        first = str(exc).strip().splitlines()[0]
+        strategy = args.get("strategy")
+        strategy = strategy if isinstance(strategy, str) else type(strategy).__name__
+        raise ValueError(f"The trainer configuration (accelerator={args.get('accelerator')}, strategy={strategy}) "
+                         f"cannot run here: {first}") from None
 
 
 def _ckpt_path(ctx: RunContext, stage: str) -> str | None:
+    """The checkpoint to resume `stage` from. `ckpt_path=last` is the automatic resume: the stage's
+    newest `last.ckpt` in this run directory if there is one, else a fresh start."""
     path = ctx.cfg.get("ckpt_path")
     if path == "last":
         last = ctx.run_dir / "checkpoints" / stage / "last.ckpt"
         return str(last) if last.is_file() else None
+    if path and not Path(str(path)).is_file():
+        raise ArtifactError(f"No checkpoint at {path}; pass an existing .ckpt file or ckpt_path=last.")
     return path
 
 
@@ -127,7 +145,8 @@ def pretrain(ctx: RunContext) -> None:
     dm.connect(None, batch_size=pcfg.batch_size, out_batch_size=pcfg.batch_size)
     epochs = pcfg.joint_epochs + (0 if pcfg.joint_from_start else pcfg.inject_epochs + pcfg.heads_epochs)
     trainer = make_trainer(ctx, "pretrain", epochs)
-    trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, "pretrain"))
+    trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, "pretrain"),
+                weights_only=True)
     seconds = time.perf_counter() - start
     encoder.requires_grad_(False).eval()
     diag = existence_diagnostics(module, dm)
@@ -216,7 +235,8 @@ def bridge(ctx: RunContext) -> None:
     module.prepare([r.prompt for r in dm.edits], [o.prompt for o in dm.out_of_scope])
     dm.connect(tok, batch_size=bcfg.batch_size, out_batch_size=bcfg.out_batch_size)
     trainer = make_trainer(ctx, f"bridge-{cfg.llm.name}", bcfg.epochs)
-    trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, f"bridge-{cfg.llm.name}"))
+    trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, f"bridge-{cfg.llm.name}"),
+                weights_only=True)
     seconds = time.perf_counter() - start
     logged = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items()}
     manifests = [m for _, m in loaded]
@@ -413,7 +433,8 @@ def crossmodel_markdown(rows: list[dict]) -> str:
 
 
 JOBS = {"pretrain": pretrain, "bridge": bridge, "eval": evaluate, "ask": ask, "crossmodel": crossmodel,
-        "neuraldb": neuraldb}
+        "neuraldb": neuraldb, "unike": unike, "unike_ablation": unike_ablation, "unike_mm": unike_mm,
+        "wise": wise}
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -430,8 +451,32 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # MindBridge edits by training the memory and the bridge; other methods set their own.
     m.setdefault("train_seconds", sum(m.get(k) or 0.0 for k in ("pretrain_seconds", "bridge_seconds")))
     m.setdefault("edit_seconds", m["train_seconds"])
-    write_metrics(ctx.run_dir / "metrics.json", m)
+    if _is_rank_zero():                     # under DDP every process runs the jobs; one writes
+        write_metrics(ctx.run_dir / "metrics.json", m)
+    log_final_metrics(cfg, m)
     return m
+
+
+def log_final_metrics(cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """Put the run's final figures into its W&B run: sweeps (`metric: {name: avg}`) read the summary.
+
+    Lightning only logs what happens inside `fit`; evaluation runs after it. Other loggers keep
+    metrics.json as the record (a second CSVLogger would only open another version folder).
+    """
+    from lightning.pytorch.loggers import WandbLogger
+    target = cfg.logger.get("_target_") if cfg.get("logger") else None
+    if not target or not issubclass(hydra.utils.get_class(target), WandbLogger):
+        return
+    run = hydra.utils.instantiate(cfg.logger).experiment     # the fit's W&B run if one is open
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (str, int, float, bool))}
+    run.log({k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    run.summary.update(flat)
+    run.finish()
+
+
+def _is_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

@@ -43,6 +43,55 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise ArtifactError(f"{what} is corrupt: {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}).") from None
 
 
+SEAL_KEY = "manifest_sha256"
+
+
+def sealed(meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` plus a sha256 of its own canonical JSON, so an edited manifest is noticed."""
+    return {**meta, SEAL_KEY: _json_sha256(meta)}
+
+
+def _json_sha256(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != SEAL_KEY}
+    body = json.loads(json.dumps(body, default=str))       # hash what the file holds (str keys, lists)
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_seal(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    # Artifacts written before the seal existed have none; they are checked by their other hashes.
+    if SEAL_KEY in meta and meta[SEAL_KEY] != _json_sha256(meta):
+        raise ArtifactError(f"{path} was edited after it was written (its content no longer matches its "
+                            f"{SEAL_KEY}); restore it or write the artifact again.")
+    return meta
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_or_refuse(what: str, path: Path, load):
+    """`load()` with a corrupt or truncated file reported as one sentence instead of a library trace."""
+    try:
+        return load()
+    except ArtifactError:
+        raise
+    except Exception as exc:  # safetensors, transformers and peft each raise their own types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{what} cannot be read from {path}; the file is truncated or corrupt ({first}).") from None
+
+
+def _write_on_rank_zero(final: Path, write) -> Path:
+    """`write_dir_atomically` by one process: under torch.distributed only rank 0 writes and every
+    rank waits until the artifact is complete before it goes on (to load it, say)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return write_dir_atomically(final, write)
+    if dist.get_rank() == 0:
+        write_dir_atomically(final, write)
+    dist.barrier()
+    return Path(final)
+
+
 EXIST_HEAD_FILE = "exist_head.safetensors"
 
 
@@ -63,14 +112,15 @@ def save_memory(directory: str | Path, encoder: MemoryEncoder, facts: Sequence, 
                 fh.write(json.dumps(dataclasses.asdict(rec), ensure_ascii=False) + "\n")
         manifest = {"format_version": FORMAT_VERSION, "kind": "mindbridge_memory",
                     "encoder_sha256": weights_fingerprint(encoder.mlm), "facts_sha256": facts_hash,
+                    "facts_file_sha256": _file_sha256(tmp / "facts.jsonl"),
                     "num_facts": len(facts), "pooling": encoder.pooling, "max_length": encoder.max_length,
                     "exist_head_sha256": tensors_fingerprint(exist_head) if exist_head is not None else None,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        (tmp / "manifest.json").write_text(json.dumps(sealed(manifest), indent=2), encoding="utf-8")
         (tmp / "bridges").mkdir()
     # The directory is replaced whole: bridges trained against an earlier encoder go with it.
     directory = Path(directory)
-    return write_dir_atomically(directory, write)
+    return _write_on_rank_zero(directory, write)
 
 
 def directory_digest(directory: str | Path) -> str:
@@ -87,7 +137,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"No memory at {directory}: run `python train.py stage=pretrain` first or pass memory=DIR.")
-    return _read_json(directory / "manifest.json", f"The memory at {directory}")
+    return check_seal(_read_json(directory / "manifest.json", f"The memory at {directory}"), directory / "manifest.json")
 
 
 def load_memory(directory: str | Path, verify: bool = True) -> tuple[MemoryEncoder, dict[str, Any]]:
@@ -98,8 +148,9 @@ def load_memory(directory: str | Path, verify: bool = True) -> tuple[MemoryEncod
     enc_dir = directory / "encoder"
     if not (enc_dir / "model.safetensors").is_file():
         raise ArtifactError(f"The memory at {directory} has no encoder/model.safetensors; it is incomplete.")
-    mlm = AutoModelForMaskedLM.from_pretrained(enc_dir, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(enc_dir)
+    mlm = read_or_refuse("The memory's encoder", enc_dir / "model.safetensors",
+                    lambda: AutoModelForMaskedLM.from_pretrained(enc_dir, use_safetensors=True))
+    tokenizer = read_or_refuse("The memory's tokenizer", enc_dir, lambda: AutoTokenizer.from_pretrained(enc_dir))
     mlm.requires_grad_(False).eval()
     if verify and weights_fingerprint(mlm) != manifest["encoder_sha256"]:
         raise ArtifactError(f"The encoder weights in {enc_dir} do not match the hash in its manifest; "
@@ -115,7 +166,7 @@ def load_exist_head(directory: str | Path, manifest: dict[str, Any]) -> dict[str
                             "or set model.bridge.projector.gate_init=random.")
     if not path.is_file():
         raise ArtifactError(f"The memory at {directory} is incomplete: {path} is missing.")
-    state = load_file(str(path))
+    state = read_or_refuse("The existence head", path, lambda: load_file(str(path)))
     if tensors_fingerprint(state) != manifest["exist_head_sha256"]:
         raise ArtifactError(f"The existence head in {path} does not match the hash in the memory's manifest; "
                             "the memory was modified.")
@@ -127,8 +178,15 @@ def read_facts(directory: str | Path) -> list[dict[str, Any]]:
     path = Path(directory) / "facts.jsonl"
     if not path.is_file():
         raise ArtifactError(f"The memory at {directory} is incomplete: {path} is missing.")
+    expected = read_manifest(directory).get("facts_file_sha256")
+    if expected and _file_sha256(path) != expected:
+        raise ArtifactError(f"The facts in {path} do not match the hash in the memory's manifest; "
+                            "the memory was modified after it was written.")
     facts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # split("\n"), not splitlines(): facts may contain U+2028 and friends, written as they are.
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
         try:
             facts.append(json.loads(line))
         except json.JSONDecodeError as exc:
@@ -160,10 +218,10 @@ def save_bridge(memory_dir: str | Path, llm_name: str, projector: MemoryProjecto
                 "encoder_sha256": manifest["encoder_sha256"], "facts_sha256": manifest["facts_sha256"],
                 "projector_sha256": weights_fingerprint(projector),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        (tmp / "bridge.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        (tmp / "bridge.json").write_text(json.dumps(sealed(meta), indent=2), encoding="utf-8")
         for name, write_extra in (extra or {}).items():
             write_extra(tmp / name)
-    return write_dir_atomically(bridge_dir(memory_dir, llm_name), write)
+    return _write_on_rank_zero(bridge_dir(memory_dir, llm_name), write)
 
 
 def load_bridge(memory_dir: str | Path, llm_name: str, llm_identity: dict[str, Any],
@@ -178,7 +236,7 @@ def load_bridge(memory_dir: str | Path, llm_name: str, llm_identity: dict[str, A
                if group else f"run `python train.py stage=bridge llm={llm_name} memory={memory_dir}`")
         raise ArtifactError(f"The memory at {memory_dir} has no bridge '{llm_name}' "
                             f"(it has: {', '.join(have) or 'none'}); {how}.")
-    meta = _read_json(where / "bridge.json", f"The bridge at {where}")
+    meta = check_seal(_read_json(where / "bridge.json", f"The bridge at {where}"), where / "bridge.json")
     if meta["encoder_sha256"] != manifest["encoder_sha256"]:
         raise ArtifactError(f"The bridge at {where} was trained against encoder {meta['encoder_sha256'][:12]} "
                             f"but this memory's encoder is {manifest['encoder_sha256'][:12]}; bridge the memory again.")
@@ -187,7 +245,10 @@ def load_bridge(memory_dir: str | Path, llm_name: str, llm_identity: dict[str, A
             raise ArtifactError(f"The bridge at {where} was trained for LLM '{meta['llm'].get('name')}' "
                                 f"({key} {str(meta['llm'].get(key))[:12]}) but the loaded LLM '{llm_identity.get('name')}' "
                                 f"has {key} {str(llm_identity.get(key))[:12]}; bridge this LLM with stage=bridge.")
-    projector = MemoryProjector.from_pretrained(where / "projector", use_safetensors=True)
+    if not (where / "projector" / "model.safetensors").is_file():
+        raise ArtifactError(f"The bridge at {where} is incomplete: projector/model.safetensors is missing.")
+    projector = read_or_refuse("The projector", where / "projector" / "model.safetensors",
+                          lambda: MemoryProjector.from_pretrained(where / "projector", use_safetensors=True))
     if weights_fingerprint(projector) != meta["projector_sha256"]:
         raise ArtifactError(f"The projector weights in {where} do not match the hash in bridge.json; the bridge was modified.")
     projector.requires_grad_(False).eval()
@@ -204,7 +265,7 @@ def load_bridge_adapters(memory_dir: str | Path, name: str, llm, meta: dict[str,
         return llm
     if not (where / "adapter_model.safetensors").is_file():
         raise ArtifactError(f"The bridge at {where.parent} was trained with LoRA adapters but {where} is missing or incomplete.")
-    adapted = attach_lora(llm, where)
+    adapted = read_or_refuse("The bridge's LoRA adapters", where, lambda: attach_lora(llm, where))
     if tensors_fingerprint(lora_state(adapted)) != meta["lora_sha256"]:
         adapted.unload()
         raise ArtifactError(f"The LoRA adapters in {where} do not match the hash in bridge.json; the bridge was modified.")

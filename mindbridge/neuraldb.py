@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mindbridge.artifacts import ArtifactError
+from mindbridge.artifacts import ArtifactError, check_seal, read_or_refuse, sealed
 from mindbridge.atomic import write_dir_atomically
 from mindbridge.lm import PlainLM, causal_logits
 from mindbridge.loading import model_identity, tensors_fingerprint
@@ -923,7 +923,7 @@ class NeuralDB:
                         "num_facts": len(self.facts), "facts_sha256": facts_hash(self.facts),
                         "tensors_sha256": tensors_fingerprint(tensors), "collisions": self.collisions,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+            (tmp / "manifest.json").write_text(json.dumps(sealed(manifest), indent=2, default=str), encoding="utf-8")
         return write_dir_atomically(Path(directory), write)
 
     @classmethod
@@ -940,6 +940,7 @@ class NeuralDB:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ArtifactError(f"The NeuralDB at {directory} is corrupt: manifest.json is not valid JSON.") from None
+        check_seal(manifest, manifest_path)
         if manifest.get("kind") != "neuraldb":
             raise ArtifactError(f"{directory} is not a NeuralDB (manifest kind {manifest.get('kind')!r}).")
         identity = llm_identity or model_identity(model, llm_name or type(model).__name__)
@@ -952,12 +953,13 @@ class NeuralDB:
                                     "with stage=neuraldb.")
         if not (directory / TENSORS_FILE).is_file() or not (directory / "facts.jsonl").is_file():
             raise ArtifactError(f"The NeuralDB at {directory} is incomplete: {TENSORS_FILE} or facts.jsonl is missing.")
-        tensors = load_file(str(directory / TENSORS_FILE))
+        tensors = read_or_refuse("The NeuralDB's tensors", directory / TENSORS_FILE,
+                                 lambda: load_file(str(directory / TENSORS_FILE)))
         if tensors_fingerprint(tensors) != manifest["tensors_sha256"]:
             raise ArtifactError(f"The tensors in {directory / TENSORS_FILE} do not match the hash in its manifest; "
                                 "the database was modified after it was written.")
         facts = [Fact(**json.loads(line)) for line in
-                 (directory / "facts.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+                 (directory / "facts.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
         if facts_hash(facts) != manifest["facts_sha256"]:
             raise ArtifactError(f"The facts in {directory / 'facts.jsonl'} do not match the hash in its manifest; "
                                 "the database was modified after it was written.")

@@ -18,7 +18,9 @@ from mindbridge.loading import ModelUnavailableError, load_causal_lm, upcycle_to
 from mindbridge.tokenization import position_ids_for, prompt_batch, teacher_forced_batch
 from tests.conftest import CONFIG_DIR
 
-TINY = {path.stem: path for path in sorted((Path(CONFIG_DIR) / "llm").glob("tiny_*.yaml"))}
+# Causal LMs only: vision-language configs (kind: vision_language, e.g. tiny_blip2) are UniKE's, tested there.
+TINY = {path.stem: path for path in sorted((Path(CONFIG_DIR) / "llm").glob("tiny_*.yaml"))
+        if OmegaConf.load(path).get("kind", "causal_lm") != "vision_language"}
 FAMILIES = {"tiny_llama", "tiny_gpt2", "tiny_gptj", "tiny_gemma3", "tiny_mixtral", "tiny_qwen2_moe", "tiny_deepseek"}
 
 

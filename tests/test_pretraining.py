@@ -286,3 +286,37 @@ def test_memory_encoder_features(encoder) -> None:
     encoder.eval()
     torch.testing.assert_close(encoder.features(texts), enc, atol=1e-5, rtol=1e-5)
     assert masked_lm_head(encoder.mlm) is encoder.head
+
+
+# --------------------------------------------------------------------------- prefix augmentation
+
+
+def test_prefix_augmentation_draws_from_the_pool(encoder) -> None:
+    from lit_modules.pretrain import MemoryPretrainModule
+    prompts = [p for _, p, _ in FACTS]
+    pool = ["What is the capital of Peru?", "Who wrote Hamlet?"]
+    off = MemoryPretrainModule(encoder, prefix_prob=0.0)
+    assert off.with_prefixes(prompts, pool) == prompts
+    always = MemoryPretrainModule(encoder, prefix_prob=1.0, seed=3)
+    out = always.with_prefixes(prompts, pool)
+    for text, prompt in zip(out, prompts):
+        prefix = text.removesuffix(" " + prompt)
+        assert text.endswith(" " + prompt) and prefix in pool
+    some = MemoryPretrainModule(encoder, prefix_prob=0.5, seed=0).with_prefixes(prompts * 40, pool)
+    changed = sum(a != b for a, b in zip(some, prompts * 40))
+    assert 30 < changed < 90                      # about half of 120
+    assert always.with_prefixes(prompts, []) == prompts
+
+
+def test_prefix_augmented_training_step_reaches_every_loss(encoder) -> None:
+    from lit_modules.pretrain import MemoryPretrainModule
+    module = MemoryPretrainModule(encoder, prefix_prob=1.0, joint_from_start=True)
+    module.log = lambda *a, **k: None
+    batch = {"edit": {"subject": [f[0] for f in FACTS], "prompt": [f[1] for f in FACTS],
+                      "target": [f[2] for f in FACTS]},
+             "out": {"prompt": ["Who wrote Hamlet?", "What is the capital of Peru?", "How tall is K2?"]}}
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {n.split(".")[0] for n, p in module.writer.named_parameters() if p.grad is not None}
+    assert {"encoder", "exist_head", "associate_projector"} <= grads
