@@ -1,7 +1,10 @@
 """Choose the edit set and the training-time out-of-scope stream from a list of records.
 
 Contract: out-of-scope records come only from records that are NOT edited, and no prompt used to
-evaluate an edit (edit prompt, rephrase, loc prompt) ever appears among them.
+evaluate an edit (edit prompt, rephrase, loc prompt) ever appears among them. A non-edited record
+about an edited subject contributes no question of its own (its loc prompts are still used): ZsRE
+asks the same fact several times in other words, so such a question is often a paraphrase of an
+edit, which the methods would otherwise be trained to leave unchanged.
 """
 
 from __future__ import annotations
@@ -78,13 +81,16 @@ def _candidates(rec: EditRecord, sources: Sequence[str]) -> list[IrrelevantRecor
 
 
 def _out_of_scope(
-    non_edited: Iterable[EditRecord], sources: Sequence[str], forbidden: set[str]
+    non_edited: Iterable[EditRecord], sources: Sequence[str], forbidden: set[str],
+    edited_subjects: set[str] = frozenset(),
 ) -> list[IrrelevantRecord]:
-    """Candidates without evaluation prompts and without repeated prompt texts (first one kept)."""
+    """Candidates without evaluation prompts and without repeated prompt texts (first one kept);
+    records about an edited subject contribute only their locality prompts."""
     seen = set(forbidden)
     kept: list[IrrelevantRecord] = []
     for rec in non_edited:
-        for item in _candidates(rec, sources):
+        own = [x for x in sources if x == "loc"] if _normalize(rec.subject) in edited_subjects else sources
+        for item in _candidates(rec, own):
             key = _normalize(item.prompt)
             if key not in seen:
                 seen.add(key)
@@ -145,7 +151,8 @@ def split_with_edits(
 
 def _split(edits: tuple[EditRecord, ...], non_edited: Sequence[EditRecord], seed: int,
            sources: Sequence[str], max_out_of_scope: int | None) -> EditSplit:
-    out_of_scope = _out_of_scope(non_edited, sources, _eval_prompt_keys(edits))
+    out_of_scope = _out_of_scope(non_edited, sources, _eval_prompt_keys(edits),
+                                 {_normalize(rec.subject) for rec in edits})
     # A separate, string-seeded generator: reproducible across runs and independent of the edit sample.
     random.Random(f"out_of_scope:{seed}").shuffle(out_of_scope)
     if max_out_of_scope is not None:

@@ -11,10 +11,12 @@ import time
 import warnings
 from pathlib import Path
 
+import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mindbridge.artifacts import ArtifactError
 from mindbridge.evaluation import evaluate_edits
 from mindbridge.neuraldb import EditHParams, Fact, NeuralDB, decoder_layers
 
@@ -76,16 +78,18 @@ class NeuralDBModule(L.LightningModule):
         return None
 
 
-def _trainer(ctx, hp_batches: int) -> L.Trainer:
-    """The run's Trainer without checkpoints (the database is saved instead) or gradient clipping."""
+def _trainer(ctx, hp_batches: int, stage: str = "neuraldb") -> L.Trainer:
+    """The run's Trainer without checkpoints (the method saves its own artifact) or gradient clipping."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lit_modules.stages import RunContext, make_trainer
     cfg = copy.deepcopy(ctx.cfg)
     with open_dict(cfg):
         cfg.trainer.gradient_clip_val = None
-        if cfg.get("callbacks") and "checkpoint" in cfg.callbacks:
-            cfg.callbacks.checkpoint = None
+        for name, cb in list((cfg.get("callbacks") or {}).items()):
+            if cb is not None and issubclass(hydra.utils.get_class(cb._target_), ModelCheckpoint):
+                cfg.callbacks[name] = None
         cfg.trainer.log_every_n_steps = max(1, min(int(cfg.trainer.get("log_every_n_steps") or 1), hp_batches))
-    return make_trainer(RunContext(cfg, ctx.run_dir), "neuraldb", 1)
+    return make_trainer(RunContext(cfg, ctx.run_dir), stage, 1)
 
 
 def neuraldb(ctx) -> None:
@@ -102,19 +106,25 @@ def neuraldb(ctx) -> None:
     ctx.metrics.update({"method": "neuraldb", "encoder": "none"})
     edit_hp = EditHParams.from_dict(OmegaConf.to_container(hp, resolve=True))
     layer = resolve_layer(hp, cfg.llm.name, llm)
-    db = NeuralDB(llm, tok, layer, llm_identity=ctx.llm_identity, gamma=hp.gamma, hparams=edit_hp,
-                  key_dtype=_DTYPES[hp.get("key_dtype", "float32")], chunk_size=hp.get("chunk_size"))
+    facts = facts_for(dm.edits)
+    if hp.get("database"):
+        db, edit_seconds = _existing_database(ctx, hp, llm, tok, facts), 0.0
+        ctx.metrics["neuraldb_reused"] = str(hp.database)
+    else:
+        db = NeuralDB(llm, tok, layer, llm_identity=ctx.llm_identity, gamma=hp.gamma, hparams=edit_hp,
+                      key_dtype=_DTYPES[hp.get("key_dtype", "float32")], chunk_size=hp.get("chunk_size"))
     try:
-        facts = facts_for(dm.edits)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
         start = time.perf_counter()
         templates = db.templates                     # generated once per model, counted as editing
-        dm.connect(None, batch_size=edit_hp.batch_size, out_batch_size=1)
-        batches = -(-len(facts) // edit_hp.batch_size)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
-            _trainer(ctx, batches).fit(NeuralDBModule(db, facts), datamodule=dm)
-        edit_seconds = time.perf_counter() - start
+        if not hp.get("database"):
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            dm.connect(None, batch_size=edit_hp.batch_size, out_batch_size=1)
+            batches = -(-len(facts) // edit_hp.batch_size)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
+                _trainer(ctx, batches).fit(NeuralDBModule(db, facts), datamodule=dm)
+            edit_seconds = time.perf_counter() - start
+        layer = db.layer
 
         start = time.perf_counter()
         oos = [o.prompt for o in dm.out_of_scope][:int(hp.calibration.max_prompts)]
@@ -156,6 +166,20 @@ def neuraldb(ctx) -> None:
             100.0 * db.gate.positions_fired / max(1, db.gate.positions_seen))
     finally:
         db.remove()                                  # later jobs get the unedited LLM back
+
+
+def _existing_database(ctx, hp, llm, tok, facts: list[Fact]) -> NeuralDB:
+    """`model.database=DIR`: a saved database of exactly these edits for this LLM."""
+    db = NeuralDB.load(hp.database, llm, tok, llm_name=ctx.cfg.llm.name, llm_identity=ctx.llm_identity,
+                       chunk_size=hp.get("chunk_size"))
+    if sorted(f.id for f in db.facts) != sorted(f.id for f in facts) or set(db.facts) != set(facts):
+        db.remove()
+        raise ArtifactError(f"The NeuralDB at {hp.database} holds {len(db.facts)} facts that differ from the "
+                            f"{len(facts)} edits selected by the data options; use the run's data options or "
+                            "build a database with stage=neuraldb.")
+    if hp.gamma is not None:
+        db.gamma, db.gamma_source = float(hp.gamma), "config"
+    return db
 
 
 def _fire_rates(db: NeuralDB, edits, facts: list[Fact], oos: list[str]) -> dict[str, float]:

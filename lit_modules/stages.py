@@ -391,7 +391,8 @@ def crossmodel(ctx: RunContext) -> None:
         sub.run_dir.mkdir(parents=True, exist_ok=True)
         bridge(sub)
         evaluate(sub)
-        write_metrics(sub.run_dir / "metrics.json", sub.metrics)
+        if _is_rank_zero():
+            write_metrics(sub.run_dir / "metrics.json", sub.metrics)
         m = sub.metrics
         rows.append({"llm": name, **{k: m.get(k) for k in CROSSMODEL_COLUMNS[1:]},
                      "llm_params": sum(p.numel() for p in sub.llm.parameters()),
@@ -400,8 +401,9 @@ def crossmodel(ctx: RunContext) -> None:
     # The cross-model claim: bridging never touches the memory's encoder.
     unchanged = directory_digest(ctx.memory_dir / "encoder") == encoder_before
     table = crossmodel_markdown(rows) + f"\nEncoder files byte-identical before and after bridging: {unchanged}.\n"
-    (ctx.run_dir / "crossmodel.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    (ctx.run_dir / "crossmodel.md").write_text(table, encoding="utf-8")
+    if _is_rank_zero():                     # under DDP every process gets here; one writes
+        (ctx.run_dir / "crossmodel.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        (ctx.run_dir / "crossmodel.md").write_text(table, encoding="utf-8")
     ctx.metrics.update({"llms": ",".join(names), "pretrain_seconds": manifest.get("pretrain_seconds"),
                         "encoder_files_unchanged": unchanged, "encoder_files_sha256": encoder_before})
     for row in rows:

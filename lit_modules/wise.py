@@ -96,7 +96,7 @@ def wise(ctx) -> None:
         batches = -(-len(facts) // hp.batch_size)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
-            _trainer(ctx, batches).fit(WISEModule(editor, facts), datamodule=dm)
+            _trainer(ctx, batches, "wise").fit(WISEModule(editor, facts), datamodule=dm)
         editor.finish()
         edit_seconds = time.perf_counter() - start
 

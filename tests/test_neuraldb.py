@@ -383,5 +383,19 @@ def test_stage_neuraldb_end_to_end(tiny_cfg, tmp_path):
     assert metrics["gamma"] == pytest.approx(on_disk["gamma"])
     saved = run / "neuraldb"
     assert {p.name for p in saved.iterdir()} == {"database.safetensors", "facts.jsonl", "manifest.json"}
+    assert not (run / "checkpoints").exists()
     manifest = json.loads((saved / "manifest.json").read_text())
     assert manifest["num_facts"] == 8 and manifest["gamma"] == pytest.approx(on_disk["gamma"])
+
+    # Scoring the saved database again (model.database=) gives the same figures without editing.
+    again = tmp_path / "again"
+    cfg = tiny_cfg("stage=neuraldb", "model=neuraldb", f"model.database={saved}", "model.num_prefixes=1",
+                   "model.calibration.max_prompts=16", run_dir=again)
+    reused = train(cfg, again)
+    assert reused["edit_seconds"] == 0 and reused["neuraldb_reused"] == str(saved)
+    for key in ("gamma", "rel", "gen", "loc", "pre_rel"):
+        assert reused[key] == pytest.approx(on_disk[key]), key
+    # ... and only for the same edits.
+    cfg = tiny_cfg("stage=neuraldb", "model=neuraldb", f"model.database={saved}", "data.seed=5", run_dir=tmp_path / "x")
+    with pytest.raises(ArtifactError, match="differ from the 8 edits"):
+        train(cfg, tmp_path / "x")

@@ -126,6 +126,25 @@ def test_sources_give_expected_pairs() -> None:
     assert set(split.out_of_scope) == {IrrelevantRecord(f"Rephrase {i} is", f"True {i}") for i in (1, 2)}
 
 
+def test_records_about_an_edited_subject_give_only_their_loc_prompts() -> None:
+    # Record 1 asks about the edited subject in other words (ZsRE does this): a paraphrase in all but name.
+    records = [make_record(0, subject="Sopwith Pup"), make_record(1, subject=" sopwith pup "), make_record(2)]
+    split = make_split(records, 1, order="head", out_of_scope_sources=("prompt", "loc", "rephrase"))
+    prompts = {o.prompt for o in split.out_of_scope}
+    assert not prompts & {"Prompt 1 is", "Rephrase 1 is"}
+    assert {"Loc 1 a is", "Loc 1 b is", "Prompt 2 is", "Rephrase 2 is"} <= prompts
+
+
+def test_bundled_zsre_out_of_scope_never_asks_about_an_edited_subject() -> None:
+    records = read_records(bundled_path("zsre/zsre_mend_eval_portability_gpt4.json"))
+    split = make_split(records, 200, seed=0, out_of_scope_sources=("prompt",))
+    subjects = {r.subject.casefold() for r in split.edits}
+    about = {r.prompt: r.subject.casefold() for r in records}
+    repeated = [r for r in records if r not in split.edits and r.subject.casefold() in subjects]
+    assert len(repeated) > 20                 # the file does ask about the same subjects again
+    assert not [o.prompt for o in split.out_of_scope if about[o.prompt] in subjects]
+
+
 def test_prompt_source_keeps_missing_answer() -> None:
     records = [make_record(0), make_record(1, target_true=None)]
     split = make_split(records, 1, order="head", out_of_scope_sources=("prompt",))

@@ -439,3 +439,4 @@ def test_stage_wise_end_to_end(tiny_cfg, tmp_path, variant):
     assert {p.name for p in saved.iterdir()} == {"wise.safetensors", "manifest.json", "edits.jsonl"}
     log = json.loads((run / "wise_edit_log.json").read_text())
     assert sorted(e["position"] for e in log) == list(range(8))
+    assert not (run / "checkpoints").exists()       # the side memories are the artifact, not Lightning checkpoints
