@@ -238,6 +238,11 @@ class EditDataModule(L.LightningDataModule):
     def out_of_scope(self) -> tuple[IrrelevantRecord, ...]:
         return self.split.out_of_scope
 
+    @property
+    def paraphrase_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(question, rephrase) pairs of records that are neither edited nor about an edited subject."""
+        return self.split.paraphrase_pairs
+
     def facts_hash(self) -> str:
         return content_hash(self.edits)
 
@@ -265,12 +270,14 @@ class EditDataModule(L.LightningDataModule):
         return batch
 
     def _collate_out(self, rows: list[tuple[int, IrrelevantRecord]]) -> dict:
-        from mindbridge.tokenization import prompt_batch
+        from mindbridge.tokenization import answer_batch, prompt_batch
         batch = {"index": torch.tensor([i for i, _ in rows]), "prompt": [r.prompt for _, r in rows],
                  "answer": [r.answer for _, r in rows]}
         if self.tokenizer is not None:
             batch["input_ids"], batch["attention_mask"] = prompt_batch(self.tokenizer, batch["prompt"],
                                                                        self.max_prompt_tokens)
+            batch["answer_ids"], batch["answer_mask"] = answer_batch(self.tokenizer, batch["answer"],
+                                                                     self.max_target_tokens)
         return batch
 
     def _position(self) -> tuple[int | None, int]:

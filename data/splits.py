@@ -26,6 +26,9 @@ class EditSplit:
     edits: tuple[EditRecord, ...]  # the records that are edited and evaluated
     out_of_scope: tuple[IrrelevantRecord, ...]  # training-time out-of-scope prompts
     seed: int
+    # (question, rephrase) of non-edited records about non-edited subjects: how rewording moves
+    # a prompt, learnt from facts that are never evaluated (MindBridge's bridge jitter).
+    paraphrase_pairs: tuple[tuple[str, str], ...] = ()
 
 
 def _normalize(text: str) -> str:
@@ -98,6 +101,23 @@ def _out_of_scope(
     return kept
 
 
+def _paraphrase_pairs(non_edited: Iterable[EditRecord], forbidden: set[str],
+                      edited_subjects: set[str]) -> list[tuple[str, str]]:
+    """(prompt, rephrase) pairs of non-edited records: none about an edited subject, none with an
+    evaluation prompt on either side, each prompt once."""
+    seen = set(forbidden)
+    pairs: list[tuple[str, str]] = []
+    for rec in non_edited:
+        if _normalize(rec.subject) in edited_subjects or _normalize(rec.prompt) in seen:
+            continue
+        for rephrase in rec.rephrase_prompts:
+            if _normalize(rephrase) not in seen and _normalize(rephrase) != _normalize(rec.prompt):
+                seen.update((_normalize(rec.prompt), _normalize(rephrase)))
+                pairs.append((rec.prompt, rephrase))
+                break
+    return pairs
+
+
 def make_split(
     records: Sequence[EditRecord],
     num_edits: int,
@@ -151,13 +171,15 @@ def split_with_edits(
 
 def _split(edits: tuple[EditRecord, ...], non_edited: Sequence[EditRecord], seed: int,
            sources: Sequence[str], max_out_of_scope: int | None) -> EditSplit:
-    out_of_scope = _out_of_scope(non_edited, sources, _eval_prompt_keys(edits),
-                                 {_normalize(rec.subject) for rec in edits})
+    forbidden, subjects = _eval_prompt_keys(edits), {_normalize(rec.subject) for rec in edits}
+    out_of_scope = _out_of_scope(non_edited, sources, forbidden, subjects)
+    pairs = _paraphrase_pairs(non_edited, forbidden, subjects)
     # A separate, string-seeded generator: reproducible across runs and independent of the edit sample.
     random.Random(f"out_of_scope:{seed}").shuffle(out_of_scope)
+    random.Random(f"paraphrase_pairs:{seed}").shuffle(pairs)
     if max_out_of_scope is not None:
-        out_of_scope = out_of_scope[:max_out_of_scope]
-    return EditSplit(edits=edits, out_of_scope=tuple(out_of_scope), seed=seed)
+        out_of_scope, pairs = out_of_scope[:max_out_of_scope], pairs[:max_out_of_scope]
+    return EditSplit(edits=edits, out_of_scope=tuple(out_of_scope), seed=seed, paraphrase_pairs=tuple(pairs))
 
 
 def split_stats(split: EditSplit) -> dict[str, int]:

@@ -9,6 +9,7 @@ from lit_modules.common import TrainableOnlyCheckpoint, warmup_cosine
 from mindbridge.bridge import MemoryAugmentedLM, MemoryProjector, add_lora, answer_loss, distill_kl
 from mindbridge.encoder import MemoryEncoder
 from mindbridge.lm import PromptKVStore, causal_logits, continuation_logits, without_adapters
+from mindbridge.tokenization import first_answer_tokens, teacher_forced_batch
 
 
 class MemoryBridgeModule(TrainableOnlyCheckpoint):
@@ -24,7 +25,7 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
                  projectors: MemoryProjector | Sequence[MemoryProjector],
                  lambda_kl: float = 1.0, kl_temperature: float = 1.5, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_fraction: float = 0.1, feature_noise: float = 0.0,
-                 lora: dict | None = None):
+                 paraphrase_jitter: float = 0.0, kl_answer_tokens: int = 0, lora: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["llm", "tokenizer", "encoders", "projectors"])
         # Several memories (Multi-MindBridge, Eq. 7) train their projectors jointly: one soft
@@ -40,6 +41,7 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
             encoder.requires_grad_(False)
         self._edit_features: list[torch.Tensor] | None = None
         self._out_features: list[torch.Tensor] | None = None
+        self._displacements: list[torch.Tensor] = []
         self._teacher: dict[int, torch.Tensor] = {}
         self._edit_kv: PromptKVStore | None = None
         self._out_kv: PromptKVStore | None = None
@@ -47,6 +49,11 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
     @property
     def projector(self) -> MemoryProjector:
         return self.edited.projectors[0]
+
+    @property
+    def projector_tokens(self) -> int:
+        """Soft tokens per row (all memories together)."""
+        return sum(p.config.num_tokens for p in self.edited.projectors)
 
     @property
     def encoder(self) -> MemoryEncoder:
@@ -62,20 +69,32 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
             encoder.eval()
         return self
 
-    def prepare(self, edit_prompts: list[str], out_prompts: list[str], batch_size: int = 32) -> None:
-        """Cache what does not change while the projector trains (call before `fit`)."""
-        self._edit_features, self._out_features = [], []
+    def prepare(self, edit_prompts: list[str], out_prompts: list[str], batch_size: int = 32,
+                paraphrase_pairs: Sequence[tuple[str, str]] = ()) -> None:
+        """Cache what does not change while the projector trains (call before `fit`).
+
+        `paraphrase_pairs` are (question, rephrase) pairs of facts that are not edited; their
+        memory displacements drive the paraphrase jitter (see `_features`).
+        """
+        self._edit_features, self._out_features, self._displacements = [], [], []
+        use_pairs = self.hparams.paraphrase_jitter > 0 and len(paraphrase_pairs) > 0
         for encoder, projector in zip(self.edited.encoders, self.edited.projectors):
             edit, out = encoder.encode(edit_prompts, 4 * batch_size), encoder.encode(out_prompts, 4 * batch_size)
             projector.set_feature_statistics(torch.cat([edit, out]))
             self._edit_features.append(edit)
             self._out_features.append(out)
-        # Cached prompt keys/values are constants only while nothing inside the LLM trains.
-        if self.edited.position == "suffix" and not self.hparams.lora:
+            if use_pairs:
+                questions, rephrases = zip(*paraphrase_pairs)
+                self._displacements.append(encoder.encode(list(rephrases), 4 * batch_size)
+                                           - encoder.encode(list(questions), 4 * batch_size))
+        # Cached prompt keys/values are constants only while nothing inside the LLM trains; a
+        # memory before the prompt's last token leaves that token out of the cache.
+        if self.edited.position in ("suffix", "before_last") and not self.hparams.lora:
             llm, tok = self.edited.llm, self.edited.tokenizer
-            self._edit_kv = PromptKVStore(llm, tok, edit_prompts, batch_size)
+            hold = int(self.edited.position == "before_last")
+            self._edit_kv = PromptKVStore(llm, tok, edit_prompts, batch_size, hold_back=hold)
             if self.hparams.lambda_kl > 0:
-                self._out_kv = PromptKVStore(llm, tok, out_prompts, batch_size, keep_logits=True)
+                self._out_kv = PromptKVStore(llm, tok, out_prompts, batch_size, keep_logits=True, hold_back=hold)
 
     def _teacher_logits(self, index: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         missing = [k for k, i in enumerate(index.tolist()) if i not in self._teacher]
@@ -93,12 +112,21 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         Paraphrases are never trained on (they are evaluation prompts); their memory vectors
         sit near, not on, the edit prompt's. Gaussian noise of `feature_noise` standard
         deviations per dimension (in the projector's standardised units) teaches the projector
-        to answer the same way in that neighbourhood.
+        to answer the same way in that neighbourhood; with probability `paraphrase_jitter` a row
+        also moves by the displacement (rephrase minus question) of a random non-edited fact.
         """
         feats = [table[index] for table in tables]
-        if self.training and self.hparams.feature_noise > 0:
+        if not self.training:
+            return feats
+        if self.hparams.feature_noise > 0:
             feats = [f + self.hparams.feature_noise * proj.feature_scale * torch.randn_like(f)
                      for f, proj in zip(feats, self.edited.projectors)]
+        if self._displacements:
+            # How a rewording moves a memory vector, borrowed from a random non-edited fact: the
+            # projector learns to answer the same along the directions paraphrases actually take.
+            rows = torch.rand(len(index)) < self.hparams.paraphrase_jitter
+            pick = torch.randint(len(self._displacements[0]), (len(index),))
+            feats = [f + rows[:, None].to(f.dtype) * d[pick].to(f.device) for f, d in zip(feats, self._displacements)]
         return feats
 
     def _answer_logits(self, edit: dict) -> torch.Tensor:
@@ -108,23 +136,78 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         if self._edit_kv is None:
             return self.edited.logits(None, tf.input_ids, tf.attention_mask, tf.keep, tf.target_mask.sum(1),
                                       features=features)
-        memory = self.edited.memory_tokens(features=features)
+        memory = self._with_held_back(self._edit_kv, index, self.edited.memory_tokens(features=features))
         cache, mask = self._edit_kv.batch(index.tolist())
         return continuation_logits(self.edited.llm, cache, mask, memory, tf.target_ids, tf.target_mask)[
             :, memory.shape[1] - 1:]
 
+    def _with_held_back(self, store: PromptKVStore, index: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """The soft tokens followed by the prompts' held-back last tokens (position before_last):
+        to the cached continuation they are one block that goes between prompt and answer."""
+        held = store.held_back(index.tolist())
+        if not held.shape[1]:
+            return memory
+        embed = self.edited.llm.get_input_embeddings()
+        return torch.cat([memory, embed(held.to(memory.device)).to(memory.dtype)], dim=1)
+
     def _out_of_scope_logits(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(teacher, student) next-token logits after each out-of-scope prompt."""
+        """(teacher, student) next-token logits `(N, V)` on out-of-scope prompts.
+
+        By default one pair per prompt, after its last token (the official code). With
+        `kl_answer_tokens` = n > 0 also one pair per token among the first n of the prompt's
+        known answer, teacher-forced: the memory must leave the exchange alone, not only its first
+        answer token.
+        """
         index = out["index"]
+        features = self._features(self._out_features, index)
+        n_tokens = self.hparams.kl_answer_tokens
+        on_answer = n_tokens > 0 and out.get("answer_mask") is not None and out["answer_mask"].any()
+        if on_answer:
+            out = {**out, **dict(zip(("answer_ids", "answer_mask"),
+                                     first_answer_tokens(out["answer_ids"], out["answer_mask"], n_tokens)))}
         if self._out_kv is None:
             teacher = self._teacher_logits(index, out["input_ids"], out["attention_mask"])
-            student = self.edited.logits(None, out["input_ids"], out["attention_mask"], 1,
-                                         features=self._features(self._out_features, index))[:, -1]
-            return teacher, student
-        memory = self.edited.memory_tokens(features=self._features(self._out_features, index))
+            student = self.edited.logits(None, out["input_ids"], out["attention_mask"], 1, features=features)[:, -1]
+            if not on_answer:
+                return teacher, student
+            t_ans, s_ans = self._answer_pairs_full(out, features)
+            return torch.cat([teacher, t_ans]), torch.cat([student, s_ans])
+        memory = self._with_held_back(self._out_kv, index, self.edited.memory_tokens(features=features))
+        teacher_last = self._out_kv.teacher_logits(index.tolist())
         cache, mask = self._out_kv.batch(index.tolist())
-        student = continuation_logits(self.edited.llm, cache, mask, memory)[:, -1]
-        return self._out_kv.teacher_logits(index.tolist()), student
+        if not on_answer:
+            return teacher_last, continuation_logits(self.edited.llm, cache, mask, memory)[:, -1]
+        ids, amask = out["answer_ids"], out["answer_mask"]
+        width, plen, n = ids.shape[1], memory.shape[1], amask.sum(1)
+        student = continuation_logits(self.edited.llm, cache, mask, memory, ids, amask)
+        # Row b's last memory token (index P-1+T-n_b) predicts its first answer token; the later
+        # answer positions t line up as in `continuation_logits` (student[:, P-1+t]).
+        first = student[torch.arange(len(ids)), plen - 1 + width - n]
+        later = amask.clone()
+        later[torch.arange(len(ids)), (width - n).clamp(max=width - 1)] = False
+        later &= amask
+        with torch.no_grad():
+            # The LLM alone: the held-back prompt tokens (if any) and the answer after the cache.
+            cache, mask = self._out_kv.batch(index.tolist())
+            lead = memory[:, self.projector_tokens:].detach()
+            plain = continuation_logits(self.edited.llm, cache, mask, lead, ids, amask)[:, lead.shape[1]:]
+        teacher = torch.cat([teacher_last, plain[:, :-1][later[:, 1:]].float()])
+        return teacher, torch.cat([first, student[:, plen - 1:-1][later]])
+
+    def _answer_pairs_full(self, out: dict, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answer-token pairs of `_out_of_scope_logits` by full forward passes (no cached
+        prompts: the memory goes before the prompt, or adapters train inside the LLM)."""
+        rows = out["answer_mask"].any(1).nonzero()[:, 0]
+        tf = teacher_forced_batch(self.edited.tokenizer, [out["prompt"][r] for r in rows],
+                                  [out["answer"][r] for r in rows], max_target_tokens=self.hparams.kl_answer_tokens)
+        student = self.edited.logits(None, tf.input_ids, tf.attention_mask, tf.keep, tf.target_mask.sum(1),
+                                     features=[f[rows] for f in features])[:, :-1]
+        with torch.no_grad(), without_adapters(self.edited.llm):
+            teacher = causal_logits(self.edited.llm, tf.input_ids, tf.attention_mask, tf.keep)[:, :-1]
+        # The first answer position is the one after the prompt, already scored.
+        later = tf.target_mask.clone()
+        later[torch.arange(len(rows)), tf.target_mask.float().argmax(1)] = False
+        return teacher[later].float(), student[later]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self._edit_features is None:

@@ -201,10 +201,15 @@ def _memories_for_current_data(ctx: RunContext) -> list[tuple[MemoryEncoder, dic
 
 
 def _projector_for(encoder: MemoryEncoder, llm, pc: DictConfig) -> MemoryProjector:
+    embed = llm.get_input_embeddings().weight
+    # output_norm is in units of the LLM's median token-embedding norm.
+    output_norm = pc.get("output_norm")
+    if output_norm:
+        output_norm = float(output_norm) * embed.detach().float().norm(dim=-1).median().item()
     return MemoryProjector(MemoryProjectorConfig(
-        encoder_dim=encoder.hidden_size, llm_dim=llm.get_input_embeddings().embedding_dim,
+        encoder_dim=encoder.hidden_size, llm_dim=embed.shape[1],
         hidden_dim=pc.hidden_dim, depth=pc.depth, num_tokens=pc.num_tokens, dropout=pc.dropout,
-        position=pc.position, zero_init_output=pc.zero_init_output, gated=pc.gated))
+        position=pc.position, zero_init_output=pc.zero_init_output, gated=pc.gated, output_norm=output_norm))
 
 
 def bridge(ctx: RunContext) -> None:
@@ -223,7 +228,7 @@ def bridge(ctx: RunContext) -> None:
         for directory, projector, (_, manifest) in zip(ctx.memory_dirs, projectors, loaded):
             projector.init_gate_from_exist_head(load_exist_head(directory, manifest))
     hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction",
-                               "feature_noise")}
+                               "feature_noise", "paraphrase_jitter", "kl_answer_tokens")}
     lora = None
     if bcfg.lora:
         if len(loaded) > 1:
@@ -232,7 +237,8 @@ def bridge(ctx: RunContext) -> None:
                 "target_modules": OmegaConf.to_container(bcfg.lora_target_modules) if bcfg.lora_target_modules else None}
     module = MemoryBridgeModule(llm, tok, [e for e, _ in loaded], projectors, lora=lora, **hp)
     start = time.perf_counter()
-    module.prepare([r.prompt for r in dm.edits], [o.prompt for o in dm.out_of_scope])
+    module.prepare([r.prompt for r in dm.edits], [o.prompt for o in dm.out_of_scope],
+                   paraphrase_pairs=dm.paraphrase_pairs)
     dm.connect(tok, batch_size=bcfg.batch_size, out_batch_size=bcfg.out_batch_size)
     trainer = make_trainer(ctx, f"bridge-{cfg.llm.name}", bcfg.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, f"bridge-{cfg.llm.name}"),

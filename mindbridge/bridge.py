@@ -20,16 +20,21 @@ from mindbridge.pretraining import mlp
 from mindbridge.tokenization import TeacherForcedBatch, prompt_batch
 
 
+MEMORY_POSITIONS = ("prefix", "suffix", "before_last")
+
+
 class MemoryProjectorConfig(PretrainedConfig):
     model_type = "mindbridge_projector"
 
     def __init__(self, encoder_dim: int = 384, llm_dim: int = 576, hidden_dim: int | None = None,
                  depth: int = 2, num_tokens: int = 1, dropout: float = 0.2, position: str = "prefix",
-                 zero_init_output: bool = False, gated: bool = False, gate_hidden: int | None = None, **kwargs):
+                 zero_init_output: bool = False, gated: bool = False, gate_hidden: int | None = None,
+                 output_norm: float | None = None, **kwargs):
         super().__init__(**kwargs)
-        if position not in ("prefix", "suffix"):
-            raise ValueError(f"memory position must be 'prefix' or 'suffix' (got {position!r})")
-        # prefix: before the prompt (the paper); suffix: between the prompt and the answer.
+        if position not in MEMORY_POSITIONS:
+            raise ValueError(f"memory position must be one of {', '.join(MEMORY_POSITIONS)} (got {position!r})")
+        # prefix: before the prompt (the paper); suffix: between the prompt and the answer;
+        # before_last: before the prompt's last token, which then reads the memory and answers.
         self.position = position
         # Start every memory at one shared vector (the output bias) so the KL term first learns
         # a token the LLM ignores, and the edits then learn their departures from it.
@@ -37,6 +42,8 @@ class MemoryProjectorConfig(PretrainedConfig):
         # Mix each memory with a learned null token by a gate read off the same memory vector.
         self.gated = gated
         self.gate_hidden = gate_hidden or encoder_dim // 2
+        # Each memory token is rescaled to this norm (learned from there); None: unconstrained.
+        self.output_norm = output_norm
         self.encoder_dim, self.llm_dim, self.depth = encoder_dim, llm_dim, depth
         self.hidden_dim = hidden_dim or 2 * encoder_dim
         self.num_tokens, self.dropout = num_tokens, dropout
@@ -61,6 +68,8 @@ class MemoryProjector(PreTrainedModel):
             # of zero: nearly nothing to attend to).
             self.gate = mlp(config.encoder_dim, config.gate_hidden, 1, depth=2)
             self.null_tokens = nn.Parameter(torch.zeros(config.num_tokens, config.llm_dim))
+        if config.output_norm:
+            self.output_scale = nn.Parameter(torch.tensor(float(config.output_norm)))
         self.register_buffer("feature_mean", torch.zeros(config.encoder_dim))
         self.register_buffer("feature_scale", torch.ones(config.encoder_dim))
         self.post_init()
@@ -83,6 +92,8 @@ class MemoryProjector(PreTrainedModel):
 
     def forward(self, memory: torch.Tensor) -> torch.Tensor:
         out = self.net((memory - self.feature_mean) / self.feature_scale).view(memory.shape[0], self.config.num_tokens, self.config.llm_dim)
+        if self.config.output_norm:
+            out = self.output_scale * out / out.norm(dim=-1, keepdim=True).clamp(min=1e-6)
         if not self.config.gated:
             return out
         # Out-of-scope memories only need to reach the null token (what the KL term asks for),
@@ -162,12 +173,14 @@ class MemoryAugmentedLM(nn.Module):
         return self.projectors[0].config.position
 
     def insert_at(self, attention_mask: torch.Tensor, answer_lengths: torch.Tensor | None) -> torch.Tensor:
-        """Where the memory goes in each left-padded row: before the prompt, or right after it
-        (i.e. before the `answer_lengths[b]` teacher-forced answer tokens at the row's end)."""
+        """Where the memory goes in each left-padded row: before the prompt, right after it (i.e.
+        before the `answer_lengths[b]` teacher-forced answer tokens at the row's end), or before
+        the prompt's last token."""
         if self.position == "prefix":
             return first_token_index(attention_mask)
         tail = answer_lengths if answer_lengths is not None else torch.zeros(len(attention_mask), dtype=torch.long)
-        return attention_mask.shape[1] - tail.to(attention_mask.device)
+        at = attention_mask.shape[1] - tail.to(attention_mask.device)
+        return at - 1 if self.position == "before_last" else at
 
     def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None, features=None):
         """`ScorableLM` interface: logits of the last `keep` positions with the memory inserted."""

@@ -101,21 +101,34 @@ class PromptKVStore:
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                 batch_size: int = 32, keep_logits: bool = False, logits_dtype: torch.dtype = torch.bfloat16):
+                 batch_size: int = 32, keep_logits: bool = False, logits_dtype: torch.dtype = torch.bfloat16,
+                 hold_back: int = 0):
+        """`hold_back`: leave each prompt's last tokens out of the cache (their ids are kept in
+        `held`), for soft tokens that go before them; `keep_logits` still keeps the logits after
+        the whole prompt."""
         self.model = model
         self.keys: list[list[torch.Tensor]] = []      # per prompt: per layer (kv_heads, len, head_dim)
         self.values: list[list[torch.Tensor]] = []
         self.last_logits: list[torch.Tensor] = []
+        self.held: list[torch.Tensor] = []            # per prompt: its last `hold_back` token ids
         for start in range(0, len(prompts), batch_size):
             ids, mask = prompt_batch(tokenizer, prompts[start:start + batch_size])
             with torch.no_grad():
                 out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
                             use_cache=True, logits_to_keep=1)
             layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            width = ids.shape[1]
             for b in range(ids.shape[0]):
                 n = int(mask[b].sum())
-                self.keys.append([k[b, :, k.shape[2] - n:].clone() for k, _ in layers])
-                self.values.append([v[b, :, v.shape[2] - n:].clone() for _, v in layers])
+                if n <= hold_back:
+                    raise ValueError(f"The prompt {prompts[start + b]!r} has {n} token(s); a memory placed before "
+                                     f"its last {hold_back} token(s) needs a longer prompt.")
+                # Causal attention: the keys/values of the first n - hold_back tokens do not
+                # depend on the tokens after them, so they are sliced from the full pass.
+                end = width - hold_back
+                self.keys.append([k[b, :, width - n:end].clone() for k, _ in layers])
+                self.values.append([v[b, :, width - n:end].clone() for _, v in layers])
+                self.held.append(ids[b, end:].clone())
                 if keep_logits:
                     self.last_logits.append(out.logits[b, -1].to(logits_dtype))
 
@@ -145,6 +158,10 @@ class PromptKVStore:
     def teacher_logits(self, index: list[int]) -> torch.Tensor:
         return torch.stack([self.last_logits[i] for i in index]).float()
 
+    def held_back(self, index: list[int]) -> torch.Tensor:
+        """The held-back last token ids of these prompts `(B, hold_back)`."""
+        return torch.stack([self.held[i] for i in index])
+
 
 def continuation_logits(model: PreTrainedModel, cache, prompt_mask: torch.Tensor, memory: torch.Tensor,
                         answer_ids: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,7 +169,8 @@ def continuation_logits(model: PreTrainedModel, cache, prompt_mask: torch.Tensor
 
     `answer_ids`/`answer_mask` `(B, T)` are right-aligned answer tokens (as in
     `TeacherForcedBatch`); each row's memory sits right before its own answer, so
-    `logits[:, P - 1:-1]` line up with `answer_ids`. Identical to running the whole sequence
+    `logits[:, P - 1:-1]` line up with `answer_ids`. With no memory (P = 0) this is the plain
+    LM reading the answers after the cached prompts. Identical to running the whole sequence
     (`causal_logits` with the memory inserted after the prompt) up to float rounding.
     """
     bsz, plen, dim = memory.shape
@@ -167,9 +185,11 @@ def continuation_logits(model: PreTrainedModel, cache, prompt_mask: torch.Tensor
     j = torch.arange(width + plen, device=dev).expand(bsz, -1)
     at = (width - ans)[:, None]                          # where row b's memory starts
     is_mem = (j >= at) & (j < at + plen)
-    mem = memory.gather(1, (j - at).clamp(0, plen - 1)[..., None].expand(-1, -1, dim))
     shifted = torch.cat([memory.new_zeros(bsz, plen, dim), embed(answer_ids.to(dev))], dim=1)  # j -> answer j-P
-    seg = torch.where(is_mem[..., None], mem, torch.where((j >= at + plen)[..., None], shifted, 0.0))
+    seg = torch.where((j >= at + plen)[..., None], shifted, 0.0)
+    if plen:
+        mem = memory.gather(1, (j - at).clamp(0, plen - 1)[..., None].expand(-1, -1, dim))
+        seg = torch.where(is_mem[..., None], mem, seg)
     full_mask = torch.cat([prompt_mask.to(dev), (j >= at).to(prompt_mask.dtype)], dim=1)
     return model(inputs_embeds=seg, attention_mask=full_mask,
                  position_ids=position_ids_for(full_mask)[:, prompt_mask.shape[1]:],

@@ -74,6 +74,34 @@ def teacher_forced_batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     return TeacherForcedBatch(input_ids, attention_mask, target_ids, target_mask)
 
 
+def answer_batch(tokenizer: PreTrainedTokenizerBase, answers: list[str | None],
+                 max_tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer tokens right-aligned like `TeacherForcedBatch.target_ids` `(B, T)` and their mask;
+    a missing or empty answer is a row of no tokens."""
+    rows = [encode_target(tokenizer, a)[:max_tokens] if a and a.strip() else [] for a in answers]
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = True
+    return ids, mask
+
+
+def first_answer_tokens(ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` tokens of each right-aligned answer row, right-aligned again."""
+    rows = [row[m][:n] for row, m in zip(ids, mask)]
+    width = max((len(r) for r in rows), default=0)
+    out_ids = torch.zeros((len(rows), width), dtype=ids.dtype)
+    out_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if len(r):
+            out_ids[i, width - len(r):] = r
+            out_mask[i, width - len(r):] = True
+    return out_ids, out_mask
+
+
 def prompt_batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                  max_prompt_tokens: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts; the last position of every row is its last prompt token."""

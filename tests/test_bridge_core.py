@@ -177,9 +177,12 @@ def test_insert_at_prefix_and_suffix() -> None:
     assert prefix.insert_at(mask, torch.tensor([1, 2])).tolist() == [2, 0]
     assert suffix.insert_at(mask, torch.tensor([1, 2])).tolist() == [4, 3]
     assert suffix.insert_at(mask, None).tolist() == [5, 5]
+    before_last = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(position="before_last")])
+    assert before_last.insert_at(mask, torch.tensor([1, 2])).tolist() == [3, 2]
+    assert before_last.insert_at(mask, None).tolist() == [4, 4]
 
 
-@pytest.mark.parametrize("position", ["prefix", "suffix"])
+@pytest.mark.parametrize("position", ["prefix", "suffix", "before_last"])
 def test_logits_match_causal_logits(position: str) -> None:
     llm, tok = _llm("llama")
     lm = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(2, position=position)])
@@ -190,12 +193,13 @@ def test_logits_match_causal_logits(position: str) -> None:
         got = lm.logits(prompts, batch.input_ids, batch.attention_mask, batch.keep, lengths)
         memory = lm.memory_tokens(prompts)
         at = (batch.attention_mask == 0).sum(1) if position == "prefix" else batch.input_ids.shape[1] - lengths
+        at = at - 1 if position == "before_last" else at
         ref = causal_logits(llm, batch.input_ids, batch.attention_mask, batch.keep, memory, at)
     torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gptj"])
-@pytest.mark.parametrize("position", ["prefix", "suffix"])
+@pytest.mark.parametrize("position", ["prefix", "suffix", "before_last"])
 def test_generate_runs_and_without_memory_matches_plain(name: str, position: str) -> None:
     llm, tok = _llm(name)
     lm = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(2, position=position)])
@@ -213,7 +217,7 @@ def test_generate_runs_and_without_memory_matches_plain(name: str, position: str
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-@pytest.mark.parametrize("position", ["prefix", "suffix"])
+@pytest.mark.parametrize("position", ["prefix", "suffix", "before_last"])
 def test_generate_first_token_is_argmax_with_memory(name: str, position: str) -> None:
     llm, tok = _llm(name)
     lm = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(2, position=position, seed=3)])
@@ -263,3 +267,92 @@ def test_gate_started_from_the_existence_head_is_its_in_scope_probability() -> N
     torch.testing.assert_close(proj.gate_values(memory), torch.softmax(head(memory), -1)[:, 1])
     with pytest.raises(ValueError, match="shape"):
         proj.init_gate_from_exist_head(mlp(8, 3, 2, depth=2).state_dict())
+
+
+# --------------------------------------------------------------------------- bridge training step
+
+
+def _bridge_module(position: str = "suffix", **hparams):
+    from lit_modules.bridge import MemoryBridgeModule
+    llm, tok = _llm("llama")
+    module = MemoryBridgeModule(llm, tok, _encoder(), _projector(1, position=position), **hparams)
+    edits = ["The Eiffel Tower is in", "Who wrote Hamlet?"]
+    outs = ["Where is Rome?", "Name a colour:", "Who is the author of Faust?"]
+    module.prepare(edits, outs, paraphrase_pairs=[("Who wrote Faust?", "Faust was written by whom?"),
+                                                  ("Where is Rome?", "In which country is Rome?")])
+    return module, outs
+
+
+def _out_batch(tok, outs: list[str], answers: list[str | None]) -> dict:
+    from mindbridge.tokenization import answer_batch
+    ids, mask = prompt_batch(tok, outs)
+    answer_ids, answer_mask = answer_batch(tok, answers)
+    return {"index": torch.arange(len(outs)), "prompt": outs, "answer": answers, "input_ids": ids,
+            "attention_mask": mask, "answer_ids": answer_ids, "answer_mask": answer_mask}
+
+
+@pytest.mark.parametrize("position", ["suffix", "before_last"])
+def test_kl_on_answer_pairs_cached_prompts_equal_full_forward(position: str) -> None:
+    module, outs = _bridge_module(position, kl_answer_tokens=32)
+    module.eval()
+    _, tok = _llm("llama")
+    out = _out_batch(tok, outs, ["Italy, in Europe", None, "Goethe"])
+    with torch.no_grad():
+        teacher, student = module._out_of_scope_logits(out)
+        n_answer = out["answer_mask"].sum().item()
+        # one pair after each prompt, one more per answer token but the first
+        assert teacher.shape[0] == student.shape[0] == len(outs) + n_answer - 2
+        module._out_kv = None                  # the full-forward path (prefix memories, LoRA)
+        teacher_full, student_full = module._out_of_scope_logits(out)
+    torch.testing.assert_close(teacher, teacher_full, atol=2e-2, rtol=0)   # the cache keeps bf16 logits
+    torch.testing.assert_close(student, student_full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", ["suffix", "before_last"])
+def test_answer_logits_cached_prompts_equal_full_forward(position: str) -> None:
+    module, _ = _bridge_module(position)
+    module.eval()
+    _, tok = _llm("llama")
+    prompts, targets = ["The Eiffel Tower is in", "Who wrote Hamlet?"], ["Paris, France", "Shakespeare"]
+    edit = {"index": torch.arange(2), "tf": teacher_forced_batch(tok, prompts, targets)}
+    with torch.no_grad():
+        cached = module._answer_logits(edit)
+        module._edit_kv = None
+        full = module._answer_logits(edit)
+    scored = edit["tf"].target_mask              # padded answer positions are never scored
+    torch.testing.assert_close(cached[:, :-1][scored], full[:, :-1][scored], atol=1e-4, rtol=1e-4)
+
+
+def test_kl_answer_tokens_caps_the_answer_positions() -> None:
+    module, outs = _bridge_module(kl_answer_tokens=2)
+    module.eval()
+    _, tok = _llm("llama")
+    out = _out_batch(tok, outs, ["Italy, in southern Europe", None, "Johann Wolfgang von Goethe"])
+    with torch.no_grad():
+        teacher, student = module._out_of_scope_logits(out)
+    assert teacher.shape[0] == student.shape[0] == len(outs) + 2     # one extra pair per answer
+
+
+def test_kl_on_answer_off_scores_only_the_position_after_the_prompt() -> None:
+    module, outs = _bridge_module()
+    module.eval()
+    _, tok = _llm("llama")
+    with torch.no_grad():
+        teacher, student = module._out_of_scope_logits(_out_batch(tok, outs, ["Italy", None, "Goethe"]))
+    assert teacher.shape[0] == student.shape[0] == len(outs)
+
+
+def test_paraphrase_jitter_moves_rows_by_non_edited_displacements() -> None:
+    module, _ = _bridge_module(paraphrase_jitter=1.0)
+    enc = _encoder()
+    expected = (enc.encode(["Faust was written by whom?", "In which country is Rome?"])
+                - enc.encode(["Who wrote Faust?", "Where is Rome?"]))
+    torch.testing.assert_close(module._displacements[0], expected)
+    table = module._edit_features
+    module.train()
+    moved = module._features(table, torch.tensor([0, 1, 1, 0]))[0] - table[0][torch.tensor([0, 1, 1, 0])]
+    # every row moved by exactly one of the displacements
+    dist = torch.cdist(moved, expected)
+    assert (dist.min(1).values < 1e-5).all()
+    module.eval()
+    torch.testing.assert_close(module._features(table, torch.tensor([0, 1]))[0], table[0][:2])

@@ -218,3 +218,26 @@ def test_bundled_counterfact_split_contract() -> None:
     assert not {norm(r.prompt) for r in split.edits} & non_edited_prompts
     assert make_split(records, 500, seed=0, out_of_scope_sources=("prompt", "loc", "rephrase")) == split
     assert {r.case_id for r in make_split(records, 500, seed=1).edits} != edited_ids
+
+
+# --- paraphrase pairs (the bridge's paraphrase jitter) -------------------------------------
+
+
+def test_paraphrase_pairs_come_from_non_edited_records_about_other_subjects() -> None:
+    records = [make_record(0, subject="Sopwith Pup"), make_record(1, subject="sopwith pup"), make_record(2),
+               make_record(3, rephrase_prompts=("Rephrase 0 is",)),     # its rephrase is an eval prompt
+               make_record(4, rephrase_prompts=())]
+    split = make_split(records, 1, order="head")
+    assert set(split.paraphrase_pairs) == {("Prompt 2 is", "Rephrase 2 is")}
+
+
+def test_paraphrase_pairs_never_hold_an_evaluation_prompt() -> None:
+    records = read_records(bundled_path("zsre/zsre_mend_eval_portability_gpt4.json"))
+    split = make_split(records, 200, seed=0)
+    assert len(split.paraphrase_pairs) > 500
+    texts = {norm(t) for pair in split.paraphrase_pairs for t in pair}
+    assert not texts & eval_prompts(split)
+    subjects = {r.subject.casefold() for r in split.edits}
+    about = {r.prompt: r.subject.casefold() for r in records}
+    assert not [q for q, _ in split.paraphrase_pairs if about[q] in subjects]
+    assert make_split(records, 200, seed=0).paraphrase_pairs == split.paraphrase_pairs
