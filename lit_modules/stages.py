@@ -201,15 +201,10 @@ def _memories_for_current_data(ctx: RunContext) -> list[tuple[MemoryEncoder, dic
 
 
 def _projector_for(encoder: MemoryEncoder, llm, pc: DictConfig) -> MemoryProjector:
-    embed = llm.get_input_embeddings().weight
-    # output_norm is in units of the LLM's median token-embedding norm.
-    output_norm = pc.get("output_norm")
-    if output_norm:
-        output_norm = float(output_norm) * embed.detach().float().norm(dim=-1).median().item()
     return MemoryProjector(MemoryProjectorConfig(
-        encoder_dim=encoder.hidden_size, llm_dim=embed.shape[1],
+        encoder_dim=encoder.hidden_size, llm_dim=llm.get_input_embeddings().embedding_dim,
         hidden_dim=pc.hidden_dim, depth=pc.depth, num_tokens=pc.num_tokens, dropout=pc.dropout,
-        position=pc.position, zero_init_output=pc.zero_init_output, gated=pc.gated, output_norm=output_norm))
+        position=pc.position, zero_init_output=pc.zero_init_output, gated=pc.gated))
 
 
 def bridge(ctx: RunContext) -> None:

@@ -28,8 +28,7 @@ class MemoryProjectorConfig(PretrainedConfig):
 
     def __init__(self, encoder_dim: int = 384, llm_dim: int = 576, hidden_dim: int | None = None,
                  depth: int = 2, num_tokens: int = 1, dropout: float = 0.2, position: str = "prefix",
-                 zero_init_output: bool = False, gated: bool = False, gate_hidden: int | None = None,
-                 output_norm: float | None = None, **kwargs):
+                 zero_init_output: bool = False, gated: bool = False, gate_hidden: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if position not in MEMORY_POSITIONS:
             raise ValueError(f"memory position must be one of {', '.join(MEMORY_POSITIONS)} (got {position!r})")
@@ -42,8 +41,6 @@ class MemoryProjectorConfig(PretrainedConfig):
         # Mix each memory with a learned null token by a gate read off the same memory vector.
         self.gated = gated
         self.gate_hidden = gate_hidden or encoder_dim // 2
-        # Each memory token is rescaled to this norm (learned from there); None: unconstrained.
-        self.output_norm = output_norm
         self.encoder_dim, self.llm_dim, self.depth = encoder_dim, llm_dim, depth
         self.hidden_dim = hidden_dim or 2 * encoder_dim
         self.num_tokens, self.dropout = num_tokens, dropout
@@ -68,8 +65,6 @@ class MemoryProjector(PreTrainedModel):
             # of zero: nearly nothing to attend to).
             self.gate = mlp(config.encoder_dim, config.gate_hidden, 1, depth=2)
             self.null_tokens = nn.Parameter(torch.zeros(config.num_tokens, config.llm_dim))
-        if config.output_norm:
-            self.output_scale = nn.Parameter(torch.tensor(float(config.output_norm)))
         self.register_buffer("feature_mean", torch.zeros(config.encoder_dim))
         self.register_buffer("feature_scale", torch.ones(config.encoder_dim))
         self.post_init()
@@ -92,8 +87,6 @@ class MemoryProjector(PreTrainedModel):
 
     def forward(self, memory: torch.Tensor) -> torch.Tensor:
         out = self.net((memory - self.feature_mean) / self.feature_scale).view(memory.shape[0], self.config.num_tokens, self.config.llm_dim)
-        if self.config.output_norm:
-            out = self.output_scale * out / out.norm(dim=-1, keepdim=True).clamp(min=1e-6)
         if not self.config.gated:
             return out
         # Out-of-scope memories only need to reach the null token (what the KL term asks for),
