@@ -190,6 +190,7 @@ class EditDataModule(L.LightningDataModule):
         self.max_prompt_tokens, self.max_target_tokens = 256, 32
         self._split: EditSplit | None = None
         self._fixed_edits: tuple[EditRecord, ...] | None = None
+        self._other_datasets: tuple[Sequence[EditRecord], ...] = ()
 
     # ---- the split ------------------------------------------------------------------------
     def resolved_path(self) -> Path:
@@ -209,10 +210,12 @@ class EditDataModule(L.LightningDataModule):
             path = bundled_path(BUNDLED_DEFAULTS[f"{self.name}_pool"])
         return read_records(path, self.name, dedupe=self.dedupe) if path else []
 
-    def use_edits(self, edits: Sequence[EditRecord]) -> None:
+    def use_edits(self, edits: Sequence[EditRecord],
+                  other_datasets: Sequence[Sequence[EditRecord]] = ()) -> None:
         """Edit exactly these records (e.g. the facts held by existing memories) instead of
-        sampling `num_edits` of them; the out-of-scope stream still comes from the data file."""
-        self._fixed_edits, self._split = tuple(edits), None
+        sampling `num_edits` of them. The out-of-scope stream comes from the data file and from
+        each of `other_datasets` (records of the other files the edits came from)."""
+        self._fixed_edits, self._other_datasets, self._split = tuple(edits), tuple(other_datasets), None
 
     def setup(self, stage: str | None = None) -> None:
         if self._split is None:
@@ -220,7 +223,8 @@ class EditDataModule(L.LightningDataModule):
                                    drop_empty_targets=self.drop_empty_targets)
             if self._fixed_edits is not None:
                 self._split = split_with_edits(records, self._fixed_edits, self.seed, self.out_of_scope_sources,
-                                               self.max_out_of_scope, pool=self._pool())
+                                               self.max_out_of_scope, pool=self._pool(),
+                                               other_datasets=self._other_datasets)
             else:
                 self._split = make_split(records, self.num_edits, self.seed, self.out_of_scope_sources,
                                          self.max_out_of_scope, self.order, pool=self._pool())

@@ -155,18 +155,31 @@ def split_with_edits(
     max_out_of_scope: int | None = None,
     *,
     pool: Sequence[EditRecord] = (),
+    other_datasets: Sequence[Sequence[EditRecord]] = (),
 ) -> EditSplit:
     """A split whose edit set is given (e.g. the union of several memories' facts).
 
     The out-of-scope stream is built as in `make_split`, from the records (and `pool`) that
-    are not among `edits`, minus every evaluation prompt of the edits.
+    are not among `edits`, minus every evaluation prompt of the edits. Each of
+    `other_datasets` (the records of the other files the edits were drawn from) adds a stream
+    of its own, capped the same way, so edits from every file meet out-of-scope prompts like
+    their own neighbours.
     """
     if not edits:
         raise ValueError("split_with_edits needs at least one edit.")
     _check_arguments(len(edits), len(edits), out_of_scope_sources, max_out_of_scope, "random")
     edited = set(edits)
-    non_edited = [rec for rec in list(records) + list(pool) if rec not in edited]
-    return _split(tuple(edits), non_edited, seed, out_of_scope_sources, max_out_of_scope)
+    groups = [list(records) + list(pool), *(list(g) for g in other_datasets)]
+    parts = [_split(tuple(edits), [rec for rec in group if rec not in edited], seed, out_of_scope_sources,
+                    max_out_of_scope) for group in groups]
+    if len(parts) == 1:
+        return parts[0]
+    out_of_scope = list(dict.fromkeys(o for part in parts for o in part.out_of_scope))
+    pairs = list(dict.fromkeys(p for part in parts for p in part.paraphrase_pairs))
+    random.Random(f"out_of_scope:{seed}").shuffle(out_of_scope)
+    random.Random(f"paraphrase_pairs:{seed}").shuffle(pairs)
+    return EditSplit(edits=tuple(edits), out_of_scope=tuple(out_of_scope), seed=seed,
+                     paraphrase_pairs=tuple(pairs))
 
 
 def _split(edits: tuple[EditRecord, ...], non_edited: Sequence[EditRecord], seed: int,

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.datamodule import EditDataModule
+from data.readers import BUNDLED_DEFAULTS, bundled_path, read_records
 from data.records import record_from_dict
 from lit_modules.bridge import MemoryBridgeModule
 from lit_modules.neuraldb import neuraldb
@@ -151,7 +152,8 @@ def pretrain(ctx: RunContext) -> None:
     encoder.requires_grad_(False).eval()
     diag = existence_diagnostics(module, dm)
     logged = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items()}
-    info = {"encoder": ecfg.name, "dataset": dm.name, "data_seed": dm.seed, "pretrain_seconds": seconds,
+    info = {"encoder": ecfg.name, "dataset": dm.name, "data_seed": dm.seed, "data_path": str(dm.resolved_path()),
+            "pretrain_seconds": seconds,
             "mlm_head_warmup_acc": head_acc, "final_losses": logged, **diag}
     save_memory(out_dir, encoder, dm.edits, dm.facts_hash(), info, exist_head=module.writer.exist_head.state_dict())
     ctx.metrics.update({"encoder": ecfg.name, "pretrain_seconds": seconds, "memory": str(out_dir),
@@ -194,10 +196,28 @@ def _memories_for_current_data(ctx: RunContext) -> list[tuple[MemoryEncoder, dic
                                 "use the same data options as when the memory was pretrained.")
         return loaded
     union = list(dict.fromkeys(record_from_dict(f) for d in dirs for f in read_facts(d)))
-    dm.use_edits(union)
+    dm.use_edits(union, other_datasets=_other_source_records(dm, [m for _, m in loaded]))
     ctx.metrics.update({"num_edits": len(dm.edits), "num_out_of_scope": len(dm.out_of_scope),
                         "num_memories": len(dirs)})
     return loaded
+
+
+def _other_source_records(dm: EditDataModule, manifests: list[dict]) -> list[list]:
+    """Records of the files the memories were pretrained from, other than `data`'s own: their
+    non-edited records join the out-of-scope stream (a CounterFact memory must learn to stay
+    quiet on CounterFact-like prompts, not only on the default data's)."""
+    own, seen, groups = dm.resolved_path().resolve(), set(), []
+    for manifest in manifests:
+        name = manifest.get("dataset")
+        path = manifest.get("data_path") or (str(bundled_path(BUNDLED_DEFAULTS[name])) if name in BUNDLED_DEFAULTS
+                                             else None)
+        if path is None or not Path(path).is_file():
+            continue                       # a memory from a file that is not here: main stream only
+        path = Path(path).resolve()
+        if path != own and path not in seen:
+            seen.add(path)
+            groups.append(read_records(path, name, dedupe=dm.dedupe))
+    return groups
 
 
 def _projector_for(encoder: MemoryEncoder, llm, pc: DictConfig) -> MemoryProjector:

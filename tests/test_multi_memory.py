@@ -53,3 +53,18 @@ def test_memories_without_a_joint_bridge_are_refused(two_memories, tiny_cfg):
 def test_pretrain_needs_a_single_memory(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="works on one memory"):
         train(tiny_cfg("stage=pretrain", f"memory=[{tmp_path}/a,{tmp_path}/b]"), tmp_path / "run")
+
+
+def test_a_memory_of_another_dataset_brings_its_out_of_scope_prompts(two_memories):
+    """A ZsRE memory and a CounterFact memory bridged with data=zsre: the CounterFact file's
+    non-edited records join the out-of-scope stream (capped like the ZsRE one)."""
+    from tests.conftest import compose
+    root, (a, _) = two_memories
+    cf = root / "cf"
+    train(compose(["debug=fast", "callbacks.progress=null", f"run_dir={cf}", "stage=pretrain", "data=counterfact"]), cf)
+    assert read_manifest(cf / "memory")["data_path"].endswith(".json")
+    run = root / "zsre_cf"
+    metrics = train(compose(["debug=fast", "callbacks.progress=null", f"run_dir={run}", "stage=bridge",
+                             f"memory=[{a},{cf / 'memory'}]"]), run)
+    cap = compose(["debug=fast"]).data.max_out_of_scope
+    assert metrics["num_out_of_scope"] == 2 * cap

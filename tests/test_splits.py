@@ -241,3 +241,20 @@ def test_paraphrase_pairs_never_hold_an_evaluation_prompt() -> None:
     about = {r.prompt: r.subject.casefold() for r in records}
     assert not [q for q, _ in split.paraphrase_pairs if about[q] in subjects]
     assert make_split(records, 200, seed=0).paraphrase_pairs == split.paraphrase_pairs
+
+
+def test_split_with_edits_adds_a_stream_from_each_other_dataset() -> None:
+    """Multi-MindBridge over memories from two files: both files' non-edited records feed the
+    out-of-scope stream, each capped on its own; no edit and no evaluation prompt gets in."""
+    from data.splits import split_with_edits
+    main = [make_record(i) for i in range(10)]
+    other = [make_record(100 + i, dataset="other") for i in range(10)]
+    edits = [main[0], other[0]]
+    split = split_with_edits(main, edits, seed=3, max_out_of_scope=6, other_datasets=[other])
+    texts = lambda records: {p for r in records for p in (r.prompt, *r.loc_prompts)}   # noqa: E731
+    prompts = [o.prompt for o in split.out_of_scope]
+    assert sum(p in texts(main) for p in prompts) == 6 and sum(p in texts(other) for p in prompts) == 6
+    assert len(set(prompts)) == 12
+    assert not {norm(p) for p in prompts} & eval_prompts(split)
+    alone = split_with_edits(main, edits, seed=3, max_out_of_scope=6)
+    assert len(alone.out_of_scope) == 6 and all(o.prompt in texts(main) for o in alone.out_of_scope)
