@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.datamodule import EditDataModule
-from data.readers import BUNDLED_DEFAULTS, bundled_path, read_records
+from data.readers import read_records
 from data.records import record_from_dict
 from lit_modules.bridge import MemoryBridgeModule
 from lit_modules.neuraldb import neuraldb
@@ -208,15 +208,15 @@ def _other_source_records(dm: EditDataModule, manifests: list[dict]) -> list[lis
     quiet on CounterFact-like prompts, not only on the default data's)."""
     own, seen, groups = dm.resolved_path().resolve(), set(), []
     for manifest in manifests:
-        name = manifest.get("dataset")
-        path = manifest.get("data_path") or (str(bundled_path(BUNDLED_DEFAULTS[name])) if name in BUNDLED_DEFAULTS
-                                             else None)
-        if path is None or not Path(path).is_file():
-            continue                       # a memory from a file that is not here: main stream only
-        path = Path(path).resolve()
-        if path != own and path not in seen:
+        # The datamodule's own rule: the recorded file, else the dataset's bundled file.
+        source = EditDataModule(manifest.get("dataset") or dm.name, path=manifest.get("data_path"), dedupe=dm.dedupe)
+        try:
+            path = source.resolved_path().resolve()
+        except ValueError:
+            continue                       # no bundled file of that name: main stream only
+        if path.is_file() and path != own and path not in seen:
             seen.add(path)
-            groups.append(read_records(path, name, dedupe=dm.dedupe))
+            groups.append(read_records(path, source.name, dedupe=dm.dedupe))
     return groups
 
 
