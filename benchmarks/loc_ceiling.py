@@ -1,6 +1,6 @@
 """The best Loc one inserted memory token can reach, per memory position.
 
-An out-of-scope memory should leave the LLM alone. This trains a single free vector (the same
+An out-of-scope memory should leave the LLM alone. This trains free vectors (the same
 for every prompt, no encoder, no projector) to minimise the KL between the LLM with and without
 it on the run's out-of-scope training prompts, at one position, then scores it on the locality
 prompts of the edited records exactly as the evaluator does. A projector cannot do better on
@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=6e-2)
+    ap.add_argument("--tokens", type=int, default=1, help="memory tokens (the projector's num_tokens)")
+    ap.add_argument("--share-positions", action="store_true",
+                    help="memory tokens take the preceding text token's position (text positions unchanged)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], help="Hydra overrides (e.g. data.seed=1 llm=gemma3)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/loc_ceiling.json"))
@@ -55,7 +58,7 @@ def main() -> None:
     prompts = [o.prompt for o in dm.out_of_scope]
 
     class ConstantToken:
-        """One vector at `position`, inserted where a projector's token would go."""
+        """Free vectors at `position`, inserted where a projector's token would go."""
 
         insert_at = MemoryAugmentedLM.insert_at          # the bridge's own placement rule
 
@@ -64,11 +67,12 @@ def main() -> None:
 
         def logits(self, prompts, ids, mask, keep, answer_lengths=None):
             at = self.insert_at(mask, answer_lengths)
-            return causal_logits(llm, ids, mask, keep, self.vector.expand(len(ids), 1, -1), at)
+            return causal_logits(llm, ids, mask, keep, self.vector.expand(len(ids), -1, -1), at,
+                                 share_positions=args.share_positions)
 
     results = {}
     for position in args.positions:
-        vector = torch.nn.Parameter(llm.get_input_embeddings().weight.mean(0).detach().clone()[None])
+        vector = torch.nn.Parameter(llm.get_input_embeddings().weight.mean(0).detach().clone().repeat(args.tokens, 1))
         token = ConstantToken(vector, position)
         opt = torch.optim.Adam([vector], lr=args.lr)
         kl = torch.tensor(float("nan"))
@@ -93,7 +97,7 @@ def main() -> None:
                              "final_train_kl": float(kl)}
         print(position, results[position], flush=True)
     write_result(args.out, {"llm": cfg.llm.name, "dataset": dm.name, "num_edits": len(dm.edits),
-                            "data_seed": dm.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+                            "data_seed": dm.seed, "tokens": args.tokens, "share_positions": args.share_positions, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                             "positions": results})
 
 

@@ -138,7 +138,8 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
                                       features=features)
         memory = self._with_held_back(self._edit_kv, index, self.edited.memory_tokens(features=features))
         cache, mask = self._edit_kv.batch(index.tolist())
-        return continuation_logits(self.edited.llm, cache, mask, memory, tf.target_ids, tf.target_mask)[
+        return continuation_logits(self.edited.llm, cache, mask, memory, tf.target_ids, tf.target_mask,
+                                   share_positions=self.edited.share_positions)[
             :, memory.shape[1] - 1:]
 
     def _with_held_back(self, store: PromptKVStore, index: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -176,10 +177,12 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         teacher_last = self._out_kv.teacher_logits(index.tolist())
         cache, mask = self._out_kv.batch(index.tolist())
         if not on_answer:
-            return teacher_last, continuation_logits(self.edited.llm, cache, mask, memory)[:, -1]
+            return teacher_last, continuation_logits(self.edited.llm, cache, mask, memory,
+                                                          share_positions=self.edited.share_positions)[:, -1]
         ids, amask = out["answer_ids"], out["answer_mask"]
         width, plen, n = ids.shape[1], memory.shape[1], amask.sum(1)
-        student = continuation_logits(self.edited.llm, cache, mask, memory, ids, amask)
+        student = continuation_logits(self.edited.llm, cache, mask, memory, ids, amask,
+                                      share_positions=self.edited.share_positions)
         # Row b's last memory token (index P-1+T-n_b) predicts its first answer token; the later
         # answer positions t line up as in `continuation_logits` (student[:, P-1+t]).
         first = student[torch.arange(len(ids)), plen - 1 + width - n]

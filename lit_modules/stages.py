@@ -224,7 +224,8 @@ def _projector_for(encoder: MemoryEncoder, llm, pc: DictConfig) -> MemoryProject
     return MemoryProjector(MemoryProjectorConfig(
         encoder_dim=encoder.hidden_size, llm_dim=llm.get_input_embeddings().embedding_dim,
         hidden_dim=pc.hidden_dim, depth=pc.depth, num_tokens=pc.num_tokens, dropout=pc.dropout,
-        position=pc.position, zero_init_output=pc.zero_init_output, gated=pc.gated))
+        position=pc.position, zero_init_output=pc.zero_init_output, gated=pc.gated,
+        share_positions=pc.share_positions))
 
 
 def bridge(ctx: RunContext) -> None:

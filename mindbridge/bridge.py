@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mindbridge.encoder import MemoryEncoder
-from mindbridge.lm import causal_logits, first_token_index, insert_tokens, without_adapters
+from mindbridge.lm import causal_logits, first_token_index, insert_tokens, soft_token_positions, without_adapters
 from mindbridge.pretraining import mlp
 from mindbridge.tokenization import TeacherForcedBatch, prompt_batch
 
@@ -28,13 +28,19 @@ class MemoryProjectorConfig(PretrainedConfig):
 
     def __init__(self, encoder_dim: int = 384, llm_dim: int = 576, hidden_dim: int | None = None,
                  depth: int = 2, num_tokens: int = 1, dropout: float = 0.2, position: str = "prefix",
-                 zero_init_output: bool = False, gated: bool = False, gate_hidden: int | None = None, **kwargs):
+                 zero_init_output: bool = False, gated: bool = False, gate_hidden: int | None = None,
+                 share_positions: bool = False, **kwargs):
         super().__init__(**kwargs)
         if position not in MEMORY_POSITIONS:
             raise ValueError(f"memory position must be one of {', '.join(MEMORY_POSITIONS)} (got {position!r})")
+        if share_positions and position == "before_last":
+            raise ValueError("share_positions works with the prefix and suffix positions; turn it off for before_last")
         # prefix: before the prompt (the paper); suffix: between the prompt and the answer;
         # before_last: before the prompt's last token, which then reads the memory and answers.
         self.position = position
+        # The memory tokens take the position id of the text token before them, so the LLM's
+        # text keeps its own positions (and relative distances) with the memory inserted.
+        self.share_positions = share_positions
         # Start every memory at one shared vector (the output bias) so the KL term first learns
         # a token the LLM ignores, and the edits then learn their departures from it.
         self.zero_init_output = zero_init_output
@@ -165,6 +171,10 @@ class MemoryAugmentedLM(nn.Module):
     def position(self) -> str:
         return self.projectors[0].config.position
 
+    @property
+    def share_positions(self) -> bool:
+        return bool(getattr(self.projectors[0].config, "share_positions", False))
+
     def insert_at(self, attention_mask: torch.Tensor, answer_lengths: torch.Tensor | None) -> torch.Tensor:
         """Where the memory goes in each left-padded row: before the prompt, right after it (i.e.
         before the `answer_lengths[b]` teacher-forced answer tokens at the row's end), or before
@@ -180,7 +190,8 @@ class MemoryAugmentedLM(nn.Module):
         dev = self.llm.get_input_embeddings().weight.device
         memory = self.memory_tokens(prompts, features)
         mask = attention_mask.to(dev)
-        return causal_logits(self.llm, input_ids.to(dev), mask, keep, memory, self.insert_at(mask, answer_lengths))
+        return causal_logits(self.llm, input_ids.to(dev), mask, keep, memory, self.insert_at(mask, answer_lengths),
+                             share_positions=self.share_positions)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 16, use_memory: bool = True,
@@ -191,8 +202,10 @@ class MemoryAugmentedLM(nn.Module):
         ids, mask = ids.to(dev), mask.to(dev)
         embeds = self.llm.get_input_embeddings()(ids)
         if use_memory:
-            embeds, mask = insert_tokens(embeds, mask, self.memory_tokens(prompts).to(embeds.dtype),
-                                         self.insert_at(mask, None))
+            memory, at = self.memory_tokens(prompts).to(embeds.dtype), self.insert_at(mask, None)
+            embeds, mask = insert_tokens(embeds, mask, memory, at)
+            if self.share_positions:     # generation continues from the last given position
+                generate_kwargs["position_ids"] = soft_token_positions(mask, at, memory.shape[1], True)
         generate_kwargs.setdefault("do_sample", False)
         with contextlib.nullcontext() if use_memory else without_adapters(self.llm):
             out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,

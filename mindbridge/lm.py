@@ -15,21 +15,42 @@ from mindbridge.tokenization import position_ids_for, prompt_batch
 
 
 def causal_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  keep: int, memory: torch.Tensor | None = None, insert_at: torch.Tensor | None = None) -> torch.Tensor:
+                  keep: int, memory: torch.Tensor | None = None, insert_at: torch.Tensor | None = None,
+                  share_positions: bool = False) -> torch.Tensor:
     """Logits of the last `keep` positions, `(B, keep, V)`.
 
     `memory` `(B, P, d)` are soft tokens inserted into each (left-padded) row before the text
     index `insert_at[b]` (default: before the first real token, i.e. a prefix). The text keeps
     contiguous positions, so a padded row sees the same positions as the same row alone.
+    `share_positions`: the memory tokens take the position of the text token before them and the
+    text keeps its own positions, so the distances between text tokens are those of the plain LM.
     """
     embeds = model.get_input_embeddings()(input_ids)
     if memory is not None:
         if insert_at is None:
             insert_at = first_token_index(attention_mask)
         embeds, attention_mask = insert_tokens(embeds, attention_mask, memory.to(embeds.dtype), insert_at)
+        positions = soft_token_positions(attention_mask, insert_at, memory.shape[1], share_positions)
+    else:
+        positions = position_ids_for(attention_mask)
     out = model(inputs_embeds=embeds, attention_mask=attention_mask,
-                position_ids=position_ids_for(attention_mask), logits_to_keep=keep, use_cache=False)
+                position_ids=positions, logits_to_keep=keep, use_cache=False)
     return out.logits
+
+
+def soft_token_positions(attention_mask: torch.Tensor, insert_at: torch.Tensor, num_tokens: int,
+                         share_positions: bool) -> torch.Tensor:
+    """Position ids of left-padded rows holding `num_tokens` soft tokens from `insert_at[b]`.
+
+    By default the soft tokens take positions of their own, like text. Shared: each takes the
+    position of the text token before it and the text keeps the positions it has without them
+    (a memory after the prompt then leaves every prompt-to-answer distance as it was).
+    """
+    if not share_positions:
+        return position_ids_for(attention_mask)
+    j = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]
+    at = insert_at.to(attention_mask.device)[:, None]
+    return position_ids_for(attention_mask * ~((j >= at) & (j < at + num_tokens)))
 
 
 def without_adapters(model) -> contextlib.AbstractContextManager:
@@ -164,7 +185,8 @@ class PromptKVStore:
 
 
 def continuation_logits(model: PreTrainedModel, cache, prompt_mask: torch.Tensor, memory: torch.Tensor,
-                        answer_ids: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        answer_ids: torch.Tensor | None = None, answer_mask: torch.Tensor | None = None,
+                        share_positions: bool = False) -> torch.Tensor:
     """Logits `(B, P + T, V)` for `[memory; answer]` appended to cached prompts.
 
     `answer_ids`/`answer_mask` `(B, T)` are right-aligned answer tokens (as in
@@ -191,6 +213,7 @@ def continuation_logits(model: PreTrainedModel, cache, prompt_mask: torch.Tensor
         mem = memory.gather(1, (j - at).clamp(0, plen - 1)[..., None].expand(-1, -1, dim))
         seg = torch.where(is_mem[..., None], mem, seg)
     full_mask = torch.cat([prompt_mask.to(dev), (j >= at).to(prompt_mask.dtype)], dim=1)
+    text_mask = torch.cat([prompt_mask.to(dev), ((j >= at) & ~is_mem).to(prompt_mask.dtype)], dim=1)
     return model(inputs_embeds=seg, attention_mask=full_mask,
-                 position_ids=position_ids_for(full_mask)[:, prompt_mask.shape[1]:],
+                 position_ids=position_ids_for(text_mask if share_positions else full_mask)[:, prompt_mask.shape[1]:],
                  past_key_values=cache, use_cache=True, logits_to_keep=width + plen).logits

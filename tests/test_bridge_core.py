@@ -40,11 +40,13 @@ def _encoder() -> MemoryEncoder:
     return MemoryEncoder(mlm.requires_grad_(False), tok, "cls", 48)
 
 
-def _projector(num_tokens: int = 2, position: str = "prefix", depth: int = 2, seed: int = 0) -> MemoryProjector:
+def _projector(num_tokens: int = 2, position: str = "prefix", depth: int = 2, seed: int = 0,
+               share_positions: bool = False) -> MemoryProjector:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         proj = MemoryProjector(MemoryProjectorConfig(encoder_dim=32, llm_dim=64, num_tokens=num_tokens,
-                                                     depth=depth, position=position))
+                                                     depth=depth, position=position,
+                                                     share_positions=share_positions))
     return proj.eval()
 
 
@@ -62,6 +64,8 @@ def test_projector_output_shape(num_tokens: int, depth: int) -> None:
 def test_projector_config_rejects_unknown_position() -> None:
     with pytest.raises(ValueError):
         MemoryProjectorConfig(encoder_dim=32, llm_dim=64, position="middle")
+    with pytest.raises(ValueError, match="share_positions"):
+        MemoryProjectorConfig(encoder_dim=32, llm_dim=64, position="before_last", share_positions=True)
 
 
 def test_set_feature_statistics_standardises() -> None:
@@ -227,6 +231,27 @@ def test_generate_first_token_is_argmax_with_memory(name: str, position: str) ->
         logits = lm.logits([prompt], ids, mask, 1)
     expected = tok.decode(logits[0, -1].argmax().item(), skip_special_tokens=True).strip()
     assert lm.generate([prompt], max_new_tokens=1) == [expected]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("position", ["prefix", "suffix"])
+def test_generate_with_shared_positions_continues_the_scored_sequence(name: str, position: str) -> None:
+    """Greedy generation with shared memory positions picks, at every step, the argmax of the
+    scoring path (`logits` with the generated tokens teacher-forced), which numbers them the same."""
+    llm, tok = _llm(name)
+    lm = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(2, position=position, seed=3, share_positions=True)])
+    prompt = "The Eiffel Tower is located in"
+    ids, mask = prompt_batch(tok, [prompt])
+    steps = []
+    with torch.no_grad():
+        for _ in range(3):
+            full = torch.cat([ids, torch.tensor([steps], dtype=torch.long)], dim=1)
+            logits = lm.logits([prompt], full, torch.ones_like(full), 1, torch.tensor([len(steps)]))
+            steps.append(int(logits[0, -1].argmax()))
+    assert lm.generate([prompt], max_new_tokens=3) == [tok.decode(steps, skip_special_tokens=True).strip()]
+    unshared = MemoryAugmentedLM(llm, tok, [_encoder()], [_projector(2, position=position, seed=3)])
+    with torch.no_grad():
+        assert not torch.allclose(unshared.logits([prompt], ids, mask, 1), lm.logits([prompt], ids, mask, 1))
 
 
 def test_zero_init_output_starts_every_memory_at_one_vector() -> None:

@@ -99,8 +99,10 @@ def test_forward_in_two_steps_through_a_dynamic_cache(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(TINY))
 @pytest.mark.parametrize("plen", [1, 2])
-def test_prompt_cache_continuation_matches_full_forward(name: str, plen: int) -> None:
-    """Cached prompts (DynamicCache) + [memory; answer] give the full forward's logits."""
+@pytest.mark.parametrize("share", [False, True])
+def test_prompt_cache_continuation_matches_full_forward(name: str, plen: int, share: bool) -> None:
+    """Cached prompts (DynamicCache) + [memory; answer] give the full forward's logits, with the
+    memory on positions of its own or sharing the text's."""
     model, tok = _model(name)
     store = PromptKVStore(model, tok, PROMPTS, batch_size=2)  # two chunks: exercises re-batching
     index = [2, 0, 1]
@@ -111,9 +113,11 @@ def test_prompt_cache_continuation_matches_full_forward(name: str, plen: int) ->
     width = batch.target_ids.shape[1]
     with torch.no_grad():
         cache, prompt_mask = store.batch(index)
-        cont = continuation_logits(model, cache, prompt_mask, memory, batch.target_ids, batch.target_mask)
+        cont = continuation_logits(model, cache, prompt_mask, memory, batch.target_ids, batch.target_mask,
+                                   share_positions=share)
         insert_at = batch.attention_mask.shape[1] - answer_lengths
-        full = causal_logits(model, batch.input_ids, batch.attention_mask, width + plen, memory, insert_at)
+        full = causal_logits(model, batch.input_ids, batch.attention_mask, width + plen, memory, insert_at,
+                             share_positions=share)
     assert cont.shape == full.shape == (len(index), plen + width, model.config.vocab_size)
     for b, n in enumerate(answer_lengths.tolist()):  # each row's memory and answer positions
         torch.testing.assert_close(cont[b, width - n:], full[b, width - n:], atol=2e-4, rtol=2e-4)

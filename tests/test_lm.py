@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mindbridge.lm import (
+    soft_token_positions,
     PlainLM,
     PromptKVStore,
     causal_logits,
@@ -275,3 +276,12 @@ def test_teacher_forced_batch_with_bos_tokenizer(monkeypatch) -> None:
     row = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
     assert row[0] == bos and row.count(bos) == 1
     assert batch.target_ids[0].tolist() == orig(tok, " Paris", add_special_tokens=False)["input_ids"]
+
+
+def test_shared_positions_leave_the_text_positions_alone() -> None:
+    """Two left-padded rows with two soft tokens after the prompt: shared, the tokens repeat the
+    last prompt position and the answer continues from it; otherwise they advance it."""
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    at = torch.tensor([3, 4])                  # row 0: 2 prompt tokens; row 1: 4
+    assert soft_token_positions(mask, at, 2, True).tolist() == [[0, 0, 1, 1, 1, 2, 3], [0, 1, 2, 3, 3, 3, 4]]
+    assert soft_token_positions(mask, at, 2, False).tolist() == [[0, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6]]
