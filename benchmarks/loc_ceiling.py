@@ -97,8 +97,8 @@ def main() -> None:
                              "final_train_kl": float(kl)}
         print(position, results[position], flush=True)
     write_result(args.out, {"llm": cfg.llm.name, "dataset": dm.name, "num_edits": len(dm.edits),
-                            "data_seed": dm.seed, "tokens": args.tokens, "share_positions": args.share_positions, "steps": args.steps, "batch": args.batch, "lr": args.lr,
-                            "positions": results})
+                            "data_seed": dm.seed, "tokens": args.tokens, "share_positions": args.share_positions,
+                            "steps": args.steps, "batch": args.batch, "lr": args.lr, "positions": results})
 
 
 if __name__ == "__main__":

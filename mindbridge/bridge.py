@@ -173,7 +173,7 @@ class MemoryAugmentedLM(nn.Module):
 
     @property
     def share_positions(self) -> bool:
-        return bool(getattr(self.projectors[0].config, "share_positions", False))
+        return self.projectors[0].config.share_positions
 
     def insert_at(self, attention_mask: torch.Tensor, answer_lengths: torch.Tensor | None) -> torch.Tensor:
         """Where the memory goes in each left-padded row: before the prompt, right after it (i.e.

@@ -213,7 +213,7 @@ def continuation_logits(model: PreTrainedModel, cache, prompt_mask: torch.Tensor
         mem = memory.gather(1, (j - at).clamp(0, plen - 1)[..., None].expand(-1, -1, dim))
         seg = torch.where(is_mem[..., None], mem, seg)
     full_mask = torch.cat([prompt_mask.to(dev), (j >= at).to(prompt_mask.dtype)], dim=1)
-    text_mask = torch.cat([prompt_mask.to(dev), ((j >= at) & ~is_mem).to(prompt_mask.dtype)], dim=1)
+    positions = soft_token_positions(full_mask, prompt_mask.shape[1] + at[:, 0], plen, share_positions)
     return model(inputs_embeds=seg, attention_mask=full_mask,
-                 position_ids=position_ids_for(text_mask if share_positions else full_mask)[:, prompt_mask.shape[1]:],
+                 position_ids=positions[:, prompt_mask.shape[1]:],
                  past_key_values=cache, use_cache=True, logits_to_keep=width + plen).logits
