@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CONFIG_DIR, compose
 
-GROUPS = ["stage", "llm", "encoder", "data", "model", "trainer", "logger", "callbacks", "debug"]
+GROUPS = ["stage", "llm", "encoder", "data", "model", "trainer", "logger", "callbacks", "debug", "experiment"]
 
 
 def options(group: str) -> list[str]:
@@ -28,6 +28,17 @@ def test_default_job_is_the_main_job(tmp_path):
     assert list(cfg.stage.jobs) == ["pretrain", "bridge", "eval"]
     assert cfg.llm.name == "smollm2" and cfg.encoder.name == "minilm" and cfg.data.name == "zsre"
     assert cfg.data.num_edits >= 200
+
+
+def test_crossmodel_experiment_pretrains_to_memorise_then_bridges_three_llms(tmp_path):
+    cfg = compose(["experiment=crossmodel", f"run_dir={tmp_path}"])
+    assert list(cfg.stage.jobs) == ["crossmodel"]
+    assert list(cfg.stage.llms) == ["smollm2", "smollm2_moe", "gemma3"]
+    default = compose([f"run_dir={tmp_path}"]).model
+    # A longer, all-losses Stage I and a shorter Stage II than the default job's.
+    assert cfg.model.pretrain.joint_from_start and cfg.model.pretrain.joint_epochs > (
+        default.pretrain.inject_epochs + default.pretrain.heads_epochs + default.pretrain.joint_epochs)
+    assert cfg.model.pretrain.lr > default.pretrain.lr and cfg.model.bridge.epochs < default.bridge.epochs
 
 
 def test_bridge_to_llama3_composes(tmp_path):
