@@ -130,17 +130,20 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         return feats
 
     def _answer_logits(self, edit: dict) -> torch.Tensor:
-        """Logits at the answer positions (plus one), laid out like `TeacherForcedBatch`."""
+        """Logits `(N, V)` at the N positions that predict an answer token (`tf.target_mask`,
+        row-major). The LM head runs on those positions only: padding is never scored."""
         tf, index = edit["tf"], edit["index"]
         features = self._features(self._edit_features, index)
         if self._edit_kv is None:
             return self.edited.logits(None, tf.input_ids, tf.attention_mask, tf.keep, tf.target_mask.sum(1),
-                                      features=features)
+                                      features=features)[:, :-1][tf.target_mask]
         memory = self._with_held_back(self._edit_kv, index, self.edited.memory_tokens(features=features))
         cache, mask = self._edit_kv.batch(index.tolist())
+        # Position P-1+t of the continuation predicts answer token t.
+        none = tf.target_mask.new_zeros
+        select = torch.cat([none(len(index), memory.shape[1] - 1), tf.target_mask, none(len(index), 1)], dim=1)
         return continuation_logits(self.edited.llm, cache, mask, memory, tf.target_ids, tf.target_mask,
-                                   share_positions=self.edited.share_positions)[
-            :, memory.shape[1] - 1:]
+                                   share_positions=self.edited.share_positions, select=select)
 
     def _with_held_back(self, store: PromptKVStore, index: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """The soft tokens followed by the prompts' held-back last tokens (position before_last):

@@ -126,13 +126,14 @@ class MemoryProjector(PreTrainedModel):
 
 
 def answer_loss(logits: torch.Tensor, batch: TeacherForcedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_1: mean NLL of the target tokens (and their teacher-forced token accuracy)."""
-    pred = logits[:, :-1].float()
-    nll = F.cross_entropy(pred.transpose(1, 2), batch.target_ids, reduction="none")
-    mask = batch.target_mask.float()
-    loss = (nll * mask).sum() / mask.sum()
-    acc = ((pred.argmax(-1) == batch.target_ids).float() * mask).sum() / mask.sum()
-    return loss, acc
+    """L_1: mean NLL of the target tokens (and their teacher-forced token accuracy).
+
+    `logits` `(B, T + 1, V)` laid out like `batch`, or `(N, V)`: only the N positions that
+    predict a target token (`batch.target_mask` in row-major order).
+    """
+    targets = batch.target_ids[batch.target_mask]
+    pred = (logits if logits.dim() == 2 else logits[:, :-1][batch.target_mask]).float()
+    return F.cross_entropy(pred, targets), (pred.argmax(-1) == targets).float().mean()
 
 
 def distill_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.5) -> torch.Tensor:

@@ -49,6 +49,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from mindbridge.atomic import write_dir_atomically
+from mindbridge.lm import read_hidden_states_contiguously
 
 try:
     from transformers.initialization import no_init_weights as _no_init_weights
@@ -561,7 +562,7 @@ def load_causal_lm(
         raise ValueError(f"unknown LLM source {source!r}; expected {expected} or 'random'")
     tok = _finish_tokenizer(tok, causal=True)
     _sync_generation_pad(model, tok)
-    return _freeze(model), tok
+    return _freeze(read_hidden_states_contiguously(model)), tok
 
 
 def load_masked_lm(

@@ -168,6 +168,36 @@ def test_continuation_logits_memory_only(name: str) -> None:
     torch.testing.assert_close(cont, full, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma3_text", "mixtral"])
+def test_continuation_logits_select_scores_only_those_positions(name: str) -> None:
+    model, tok = _model(name)
+    store = PromptKVStore(model, tok, PROMPTS)
+    memory = _memory(model, len(PROMPTS), 2, seed=3)
+    answer_ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 0, 4]])
+    answer_mask = answer_ids > 0
+    select = torch.cat([torch.zeros(3, 1, dtype=torch.bool), answer_mask, torch.zeros(3, 1, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        cache, prompt_mask = store.batch([0, 1, 2])
+        every = continuation_logits(model, cache, prompt_mask, memory, answer_ids, answer_mask)
+        cache, prompt_mask = store.batch([0, 1, 2])
+        some = continuation_logits(model, cache, prompt_mask, memory, answer_ids, answer_mask, select=select)
+    assert some.shape == (int(answer_mask.sum()), model.config.vocab_size)
+    torch.testing.assert_close(some, every[select], atol=1e-5, rtol=1e-5)
+    # the hook is gone afterwards: the next call scores every kept position again
+    with torch.no_grad():
+        assert causal_logits(model, *prompt_batch(tok, PROMPTS), 2).shape[:2] == (3, 2)
+
+
+def test_lm_head_reads_contiguous_hidden_states() -> None:
+    model, _ = _model("llama")
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), logits_to_keep=2)   # a strided slice
+    handle.remove()
+    assert seen[0].shape[1] == 2 and seen[0].is_contiguous()
+
+
 def test_prompt_kv_store_stores_unpadded_prompts() -> None:
     model, tok = _model("llama")
     store = PromptKVStore(model, tok, PROMPTS, batch_size=2)
