@@ -578,8 +578,17 @@ def load_masked_lm(
     source: 'minilm_package' | 'hub' | 'random'. ``path`` overrides the source.
     Returned in eval mode but NOT frozen: the memory encoder is trained; freeze copies yourself.
     For MiniLM the checkpoint has no MLM head: the decoder is tied to the word embeddings and
-    the head's transform is freshly initialised (expected; fit it before relying on it).
+    the head's transform is freshly initialised (expected; fit it before relying on it), from
+    ``seed``: the same seed gives the same encoder, and the caller's random state is untouched.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, tok = _load_masked_lm(source, hub_id=hub_id, path=path, random_config=random_config, seed=seed)
+    return model.eval(), _finish_tokenizer(tok, causal=False)
+
+
+def _load_masked_lm(source: str, *, hub_id: str | None, path: str | None, random_config: dict | None,
+                    seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if path is not None:
         model, tok = _load_local_dir(AutoModelForMaskedLM, Path(path).expanduser(), "Encoder", quiet=True)
     elif source == "minilm_package":
@@ -595,7 +604,7 @@ def load_masked_lm(
         model = _build_random(AutoModelForMaskedLM, config, seed)
     else:
         raise ValueError(f"unknown encoder source {source!r}; expected 'minilm_package', 'hub' or 'random'")
-    return model.eval(), _finish_tokenizer(tok, causal=False)
+    return model, tok
 
 
 # --------------------------------------------------------------------------- identity

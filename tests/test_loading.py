@@ -276,3 +276,19 @@ def test_minilm_package_mlm() -> None:
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape[-1] == 30522
+
+
+def test_minilm_head_initialised_from_the_seed() -> None:
+    """MiniLM ships without an MLM head; its fresh transform must come from `seed`, not from
+    whatever the global random state was (it made two same-seed pretraining runs differ)."""
+    def transform(seed: int) -> torch.Tensor:
+        torch.manual_seed(1234 + seed * 7)           # a different global state each call
+        model, _ = load_masked_lm("minilm_package", seed=seed)
+        return model.cls.predictions.transform.dense.weight.detach().clone()
+    assert torch.equal(transform(0), transform(0))
+    assert not torch.equal(transform(0), transform(1))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_masked_lm("minilm_package", seed=0)
+    assert torch.equal(torch.rand(3), expected)      # the caller's random state is untouched
