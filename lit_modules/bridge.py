@@ -43,6 +43,7 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         self._out_features: list[torch.Tensor] | None = None
         self._displacements: list[torch.Tensor] = []
         self._teacher: dict[int, torch.Tensor] = {}
+        self._answer_teachers: dict[int, torch.Tensor] = {}
         self._edit_kv: PromptKVStore | None = None
         self._out_kv: PromptKVStore | None = None
 
@@ -184,21 +185,49 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
                                                           share_positions=self.edited.share_positions)[:, -1]
         ids, amask = out["answer_ids"], out["answer_mask"]
         width, plen, n = ids.shape[1], memory.shape[1], amask.sum(1)
-        student = continuation_logits(self.edited.llm, cache, mask, memory, ids, amask,
-                                      share_positions=self.edited.share_positions)
-        # Row b's last memory token (index P-1+T-n_b) predicts its first answer token; the later
-        # answer positions t line up as in `continuation_logits` (student[:, P-1+t]).
-        first = student[torch.arange(len(ids)), plen - 1 + width - n]
+        rows = torch.arange(len(ids))
+        # Row b's last memory token (index P-1+T-n_b) predicts its first answer token; answer
+        # position t > first is predicted at P-1+t (as in `continuation_logits`). The LM head runs
+        # at those positions only, in row-major order: per row, first then the later ones.
         later = amask.clone()
-        later[torch.arange(len(ids)), (width - n).clamp(max=width - 1)] = False
+        later[rows, (width - n).clamp(max=width - 1)] = False
         later &= amask
-        with torch.no_grad():
-            # The LLM alone: the held-back prompt tokens (if any) and the answer after the cache.
-            cache, mask = self._out_kv.batch(index.tolist())
-            lead = memory[:, self.projector_tokens:].detach()
-            plain = continuation_logits(self.edited.llm, cache, mask, lead, ids, amask)[:, lead.shape[1]:]
-        teacher = torch.cat([teacher_last, plain[:, :-1][later[:, 1:]].float()])
-        return teacher, torch.cat([first, student[:, plen - 1:-1][later]])
+        select = torch.zeros(len(ids), plen + width, dtype=torch.bool, device=later.device)
+        select[:, plen - 1:-1] = later
+        select[rows, plen - 1 + width - n] = True
+        student = continuation_logits(self.edited.llm, cache, mask, memory, ids, amask,
+                                      share_positions=self.edited.share_positions, select=select)
+        # Reorder to [first of every row; later positions row-major], the teacher's layout.
+        starts = torch.cumsum(later.sum(1) + 1, 0) - later.sum(1) - 1
+        is_first = torch.zeros(len(student), dtype=torch.bool, device=student.device)
+        is_first[starts.to(student.device)] = True
+        student = torch.cat([student[is_first], student[~is_first]])
+        lead = memory[:, self.projector_tokens:].detach()
+        teacher = torch.cat([teacher_last, *self._answer_teacher(index, ids, amask, later, lead)])
+        return teacher, student
+
+    def _answer_teacher(self, index: torch.Tensor, ids: torch.Tensor, amask: torch.Tensor, later: torch.Tensor,
+                        lead: torch.Tensor) -> list[torch.Tensor]:
+        """The unedited LLM's logits at each row's later answer positions (`later`), one
+        `(k_b, V)` tensor per row: computed once per out-of-scope prompt, they never change."""
+        keys = index.tolist()
+        missing = [k for k, i in enumerate(keys) if i not in self._answer_teachers]
+        if missing:
+            m = torch.tensor(missing)
+            held = lead.shape[1]
+            # The LLM alone: the held-back prompt tokens (if any), then the answer after the
+            # cache; position held+t-1 predicts answer token t.
+            select = torch.zeros(len(missing), held + ids.shape[1], dtype=torch.bool, device=later.device)
+            select[:, held:-1] = later[m, 1:]
+            counts = later[m].sum(1).tolist()
+            fresh = lead.new_zeros(0, 0)
+            if any(counts):
+                cache, mask = self._out_kv.batch([keys[k] for k in missing])
+                with torch.no_grad():
+                    fresh = continuation_logits(self.edited.llm, cache, mask, lead[m], ids[m], amask[m], select=select)
+            for k, chunk in zip(missing, fresh.split(counts) if any(counts) else [fresh] * len(missing)):
+                self._answer_teachers[keys[k]] = chunk.to(torch.bfloat16)
+        return [self._answer_teachers[i].float() for i in keys]
 
     def _answer_pairs_full(self, out: dict, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The answer-token pairs of `_out_of_scope_logits` by full forward passes (no cached

@@ -378,12 +378,12 @@ class progress_bar:
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def llm_config(name: str) -> DictConfig:
+def llm_config(name: str, where: str = "stage.llms") -> DictConfig:
     """The `llm=<name>` config group entry, for jobs that go through several LLMs in one run."""
     path = CONFIG_DIR / "llm" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIG_DIR / "llm").glob("*.yaml"))
-        raise ValueError(f"Unknown LLM {name!r} in stage.llms; choose from {', '.join(known)}.")
+        raise ValueError(f"Unknown LLM {name!r} in {where}; choose from {', '.join(known)}.")
     return OmegaConf.load(path)
 
 
@@ -398,6 +398,7 @@ def crossmodel(ctx: RunContext) -> None:
         raise ValueError("stage=crossmodel needs at least one LLM in stage.llms.")
     for name in names:
         llm_config(name)                    # unknown names fail before any training
+    overrides = bridge_overrides(ctx.cfg, names)
     if not (ctx.memory_dir / "manifest.json").is_file():
         pretrain(ctx)
     manifest = read_manifest(ctx.memory_dir)
@@ -409,6 +410,7 @@ def crossmodel(ctx: RunContext) -> None:
         with open_dict(cfg):
             cfg.llm = llm_config(name)
             cfg.memory = str(ctx.memory_dir)
+            cfg.model.bridge = OmegaConf.merge(cfg.model.bridge, overrides.get(name, {}))
         sub = RunContext(cfg, ctx.run_dir / "llms" / name, datamodule=ctx.datamodule)
         sub.run_dir.mkdir(parents=True, exist_ok=True)
         bridge(sub)
@@ -417,6 +419,7 @@ def crossmodel(ctx: RunContext) -> None:
             write_metrics(sub.run_dir / "metrics.json", sub.metrics)
         m = sub.metrics
         rows.append({"llm": name, **{k: m.get(k) for k in CROSSMODEL_COLUMNS[1:]},
+                     "bridge_overrides": OmegaConf.to_container(overrides[name]) if name in overrides else {},
                      "llm_params": sum(p.numel() for p in sub.llm.parameters()),
                      "pretrain_seconds": manifest.get("pretrain_seconds")})
         del sub                              # free the LLM before loading the next one
@@ -429,11 +432,24 @@ def crossmodel(ctx: RunContext) -> None:
     ctx.metrics.update({"llms": ",".join(names), "pretrain_seconds": manifest.get("pretrain_seconds"),
                         "encoder_files_unchanged": unchanged, "encoder_files_sha256": encoder_before})
     for row in rows:
-        ctx.metrics.update({f"{row['llm']}_{k}": v for k, v in row.items() if k != "llm"})
+        ctx.metrics.update({f"{row['llm']}_{k}": v for k, v in row.items() if k not in ("llm", "bridge_overrides")})
     if ctx.cfg.get("print_table", True):
         from rich.console import Console
         from rich.markdown import Markdown
         Console().print(Markdown(table))
+
+
+def bridge_overrides(cfg: DictConfig, names: list[str]) -> dict[str, DictConfig]:
+    """`stage.bridge_overrides`: per-LLM changes to `model.bridge` (e.g. fewer epochs for an LLM
+    that is slower per step), checked before any training: known LLM names and existing keys.
+    Entries for LLMs outside `stage.llms` are allowed (an experiment may run on a subset)."""
+    given = cfg.stage.get("bridge_overrides") or {}
+    for name, changes in given.items():
+        llm_config(name, "stage.bridge_overrides")
+        unknown = sorted(set(changes) - set(cfg.model.bridge))
+        if unknown:
+            raise ValueError(f"stage.bridge_overrides.{name} sets {', '.join(unknown)}, which model.bridge does not have.")
+    return {name: given[name] for name in given if name in names}
 
 
 CROSSMODEL_COLUMNS = ("llm", "pre_rel", "pre_gen", "rel", "gen", "loc", "avg", "projector_params",
@@ -453,6 +469,10 @@ def crossmodel_markdown(rows: list[dict]) -> str:
                      f"{f(r, 'loc')} | {f(r, 'avg')} | {r['projector_params'] / 1e6:.2f}M | "
                      f"{f(r, 'projector_params_pct_of_llm', 3)} | {f(r, 'bridge_seconds', 0)} | "
                      f"{f(r, 'pretrain_seconds', 0)} |")
+    changed = [f"{r['llm']}: " + ", ".join(f"{k}={v}" for k, v in r["bridge_overrides"].items())
+               for r in rows if r.get("bridge_overrides")]
+    if changed:
+        lines.append("\nBridge settings changed per LLM (stage.bridge_overrides): " + "; ".join(changed) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -358,6 +358,23 @@ def test_kl_answer_tokens_caps_the_answer_positions() -> None:
     assert teacher.shape[0] == student.shape[0] == len(outs) + 2     # one extra pair per answer
 
 
+def test_answer_teacher_logits_are_computed_once_per_prompt() -> None:
+    module, outs = _bridge_module(kl_answer_tokens=2)
+    module.eval()
+    _, tok = _llm("llama")
+    out = _out_batch(tok, outs, ["Italy, in southern Europe", None, "Johann Wolfgang von Goethe"])
+    calls = []
+    batch = module._out_kv.batch
+    module._out_kv.batch = lambda index: calls.append(list(index)) or batch(index)
+    with torch.no_grad():
+        first = module._out_of_scope_logits(out)
+        second = module._out_of_scope_logits(out)
+    assert len(calls) == 3              # student, teacher, then the student only
+    assert sorted(module._answer_teachers) == [0, 1, 2]
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+
+
 def test_kl_on_answer_off_scores_only_the_position_after_the_prompt() -> None:
     module, outs = _bridge_module()
     module.eval()

@@ -51,3 +51,34 @@ def test_unknown_llm_in_the_list_fails_before_training(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="Unknown LLM 'nope'"):
         train(tiny_cfg("stage=crossmodel", "stage.llms=[tiny_llama,nope]"), tmp_path / "run")
     assert not (tmp_path / "run" / "memory").exists()
+
+
+def test_bridge_overrides_change_one_llms_recipe_only(tiny_cfg, tmp_path):
+    run = tmp_path / "xm"
+    train(tiny_cfg("stage=crossmodel", "stage.llms=[tiny_llama,tiny_gpt2]",
+                   "stage.bridge_overrides={tiny_gpt2: {lambda_kl: 0.25}}", run_dir=run), run)
+    recipe = {name: json.loads((run / "memory" / "bridges" / name / "bridge.json").read_text())["hyperparameters"]
+              for name in ("tiny_llama", "tiny_gpt2")}
+    assert recipe["tiny_gpt2"]["lambda_kl"] == 0.25
+    assert recipe["tiny_llama"]["lambda_kl"] != 0.25
+    rows = {r["llm"]: r for r in json.loads((run / "crossmodel.json").read_text())}
+    assert rows["tiny_gpt2"]["bridge_overrides"] == {"lambda_kl": 0.25} and rows["tiny_llama"]["bridge_overrides"] == {}
+    assert "tiny_gpt2: lambda_kl=0.25" in (run / "crossmodel.md").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("{tiny_lama: {lambda_kl: 1}}", "Unknown LLM 'tiny_lama'"),
+    ("{tiny_llama: {lamda_kl: 1}}", "which model.bridge does not have"),
+])
+def test_bad_bridge_overrides_fail_before_training(tiny_cfg, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_cfg("stage=crossmodel", "stage.llms=[tiny_llama]", f"stage.bridge_overrides={override}"),
+              tmp_path / "run")
+    assert not (tmp_path / "run" / "memory").exists()
+
+
+def test_overrides_for_llms_outside_the_list_are_allowed(tiny_cfg):
+    from lit_modules.stages import bridge_overrides
+    cfg = tiny_cfg("stage=crossmodel", "stage.llms=[tiny_llama]",
+                   "stage.bridge_overrides={tiny_gpt2: {epochs: 1}, tiny_llama: {epochs: 2}}")
+    assert bridge_overrides(cfg, ["tiny_llama"]) == {"tiny_llama": {"epochs": 2}}
