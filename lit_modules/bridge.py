@@ -220,12 +220,12 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
             select = torch.zeros(len(missing), held + ids.shape[1], dtype=torch.bool, device=later.device)
             select[:, held:-1] = later[m, 1:]
             counts = later[m].sum(1).tolist()
-            fresh = lead.new_zeros(0, 0)
+            fresh = lead.new_zeros(0, 0)        # no later answer positions: nothing to run
             if any(counts):
                 cache, mask = self._out_kv.batch([keys[k] for k in missing])
                 with torch.no_grad():
                     fresh = continuation_logits(self.edited.llm, cache, mask, lead[m], ids[m], amask[m], select=select)
-            for k, chunk in zip(missing, fresh.split(counts) if any(counts) else [fresh] * len(missing)):
+            for k, chunk in zip(missing, fresh.split(counts)):
                 self._answer_teachers[keys[k]] = chunk.to(torch.bfloat16)
         return [self._answer_teachers[i].float() for i in keys]
 

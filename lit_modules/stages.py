@@ -419,7 +419,7 @@ def crossmodel(ctx: RunContext) -> None:
             write_metrics(sub.run_dir / "metrics.json", sub.metrics)
         m = sub.metrics
         rows.append({"llm": name, **{k: m.get(k) for k in CROSSMODEL_COLUMNS[1:]},
-                     "bridge_overrides": OmegaConf.to_container(overrides[name]) if name in overrides else {},
+                     "bridge_overrides": overrides.get(name, {}),
                      "llm_params": sum(p.numel() for p in sub.llm.parameters()),
                      "pretrain_seconds": manifest.get("pretrain_seconds")})
         del sub                              # free the LLM before loading the next one
@@ -439,7 +439,7 @@ def crossmodel(ctx: RunContext) -> None:
         Console().print(Markdown(table))
 
 
-def bridge_overrides(cfg: DictConfig, names: list[str]) -> dict[str, DictConfig]:
+def bridge_overrides(cfg: DictConfig, names: list[str]) -> dict[str, dict]:
     """`stage.bridge_overrides`: per-LLM changes to `model.bridge` (e.g. fewer epochs for an LLM
     that is slower per step), checked before any training: known LLM names and existing keys.
     Entries for LLMs outside `stage.llms` are allowed (an experiment may run on a subset)."""
@@ -449,7 +449,7 @@ def bridge_overrides(cfg: DictConfig, names: list[str]) -> dict[str, DictConfig]
         unknown = sorted(set(changes) - set(cfg.model.bridge))
         if unknown:
             raise ValueError(f"stage.bridge_overrides.{name} sets {', '.join(unknown)}, which model.bridge does not have.")
-    return {name: given[name] for name in given if name in names}
+    return {name: OmegaConf.to_container(given[name]) for name in given if name in names}
 
 
 CROSSMODEL_COLUMNS = ("llm", "pre_rel", "pre_gen", "rel", "gen", "loc", "avg", "projector_params",
