@@ -1,6 +1,7 @@
 """Stage II as a LightningModule: train the projector P_m for one frozen LLM."""
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from lit_modules.common import TrainableOnlyCheckpoint, warmup_cosine
 from mindbridge.bridge import MemoryAugmentedLM, MemoryProjector, add_lora, answer_loss, distill_kl
 from mindbridge.encoder import MemoryEncoder
-from mindbridge.lm import PromptKVStore, causal_logits, continuation_logits, without_adapters
+from mindbridge.lm import PromptKVStore, causal_logits, continuation_logits, lm_head_in, without_adapters
 from mindbridge.tokenization import first_answer_tokens, teacher_forced_batch
 
 
@@ -25,7 +26,8 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
                  projectors: MemoryProjector | Sequence[MemoryProjector],
                  lambda_kl: float = 1.0, kl_temperature: float = 1.5, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_fraction: float = 0.1, feature_noise: float = 0.0,
-                 paraphrase_jitter: float = 0.0, kl_answer_tokens: int = 0, lora: dict | None = None):
+                 paraphrase_jitter: float = 0.0, kl_answer_tokens: int = 0, prefix_prob: float = 0.0,
+                 prefix_variants: int = 2, lm_head_dtype: str | None = None, lora: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["llm", "tokenizer", "encoders", "projectors"])
         # Several memories (Multi-MindBridge, Eq. 7) train their projectors jointly: one soft
@@ -46,6 +48,19 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         self._answer_teachers: dict[int, torch.Tensor] = {}
         self._edit_kv: PromptKVStore | None = None
         self._out_kv: PromptKVStore | None = None
+        # Edit prompt texts: the bare prompts, then `prefix_variants` prefixed copies of them
+        # (copy v of edit i at v * n + i); features and cached prompts follow the same layout.
+        self._edit_texts: list[str] = []
+        self._n_edits = 0
+        self._prefix_probs = torch.zeros(0)
+        # A lower-precision copy of the frozen LM head's weight for the student (`lm_head_dtype`).
+        self._head_weight: torch.Tensor | None = None
+        if lm_head_dtype:
+            dtype = getattr(torch, str(lm_head_dtype), None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"model.bridge.lm_head_dtype={lm_head_dtype!r} is not a torch floating-point "
+                                 "dtype; use bfloat16, float16 or null.")
+            self._head_weight = self.edited.llm.get_output_embeddings().weight.detach().to(dtype)
 
     @property
     def projector(self) -> MemoryProjector:
@@ -71,13 +86,25 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         return self
 
     def prepare(self, edit_prompts: list[str], out_prompts: list[str], batch_size: int = 32,
-                paraphrase_pairs: Sequence[tuple[str, str]] = ()) -> None:
+                paraphrase_pairs: Sequence[tuple[str, str]] = (), prefixes: Sequence[str] = (),
+                prefix_probs: Sequence[float] | None = None) -> None:
         """Cache what does not change while the projector trains (call before `fit`).
 
         `paraphrase_pairs` are (question, rephrase) pairs of facts that are not edited; their
-        memory displacements drive the paraphrase jitter (see `_features`).
+        memory displacements drive the paraphrase jitter (see `_features`). `prefixes` are the
+        distractor texts of the prefix augmentation, `prefix_probs` its probability per edit
+        (default: `prefix_prob` for every edit).
         """
         self._edit_features, self._out_features, self._displacements = [], [], []
+        self._n_edits = len(edit_prompts)
+        probs = [self.hparams.prefix_prob] * self._n_edits if prefix_probs is None else list(prefix_probs)
+        if len(probs) != self._n_edits:
+            raise ValueError(f"{len(probs)} prefix probabilities for {self._n_edits} edits")
+        self._prefix_probs = torch.tensor(probs, dtype=torch.float)
+        copies = max(probs, default=0.0) > 0
+        self._edit_texts = list(edit_prompts) + (self._prefixed_copies(list(edit_prompts), list(prefixes))
+                                                 if copies else [])
+        edit_prompts = self._edit_texts
         use_pairs = self.hparams.paraphrase_jitter > 0 and len(paraphrase_pairs) > 0
         for encoder, projector in zip(self.edited.encoders, self.edited.projectors):
             edit, out = encoder.encode(edit_prompts, 4 * batch_size), encoder.encode(out_prompts, 4 * batch_size)
@@ -96,6 +123,32 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
             self._edit_kv = PromptKVStore(llm, tok, edit_prompts, batch_size, hold_back=hold)
             if self.hparams.lambda_kl > 0:
                 self._out_kv = PromptKVStore(llm, tok, out_prompts, batch_size, keep_logits=True, hold_back=hold)
+
+    def _prefixed_copies(self, prompts: list[str], prefixes: list[str]) -> list[str]:
+        """`prefix_variants` copies of every prompt, each behind a random distractor prefix.
+
+        Prefix augmentation in Stage II (the official code does it for CounterFact, whose
+        paraphrases open with an unrelated sentence): with its edit's prefix probability a
+        training row reads one of these copies, in the encoder and in the LLM alike. A fixed number of
+        copies keeps every prompt cacheable.
+        """
+        if self.hparams.prefix_variants < 1:
+            return []
+        if not prefixes:
+            raise ValueError("model.bridge.prefix_prob > 0 needs distractor prefixes; the split has no "
+                             "out-of-scope records to take them from.")
+        draw = random.Random(0)
+        return [f"{draw.choice(prefixes)} {p}" for _ in range(self.hparams.prefix_variants) for p in prompts]
+
+    def _edit_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows of the edit tables for a batch of edits: while training, with the edit's prefix
+        probability a random prefixed copy instead of the bare prompt."""
+        copies = len(self._edit_texts) // self._n_edits - 1 if self._n_edits else 0
+        if not self.training or copies < 1:
+            return index
+        use = torch.rand(len(index)) < self._prefix_probs[index.cpu()]
+        copy = torch.randint(1, copies + 1, (len(index),))
+        return index + use.long() * copy * self._n_edits
 
     def _teacher_logits(self, index: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         missing = [k for k, i in enumerate(index.tolist()) if i not in self._teacher]
@@ -133,9 +186,13 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
     def _answer_logits(self, edit: dict) -> torch.Tensor:
         """Logits `(N, V)` at the N positions that predict an answer token (`tf.target_mask`,
         row-major). The LM head runs on those positions only: padding is never scored."""
-        tf, index = edit["tf"], edit["index"]
+        tf, index = edit["tf"], self._edit_rows(edit["index"])
         features = self._features(self._edit_features, index)
         if self._edit_kv is None:
+            if index is not edit["index"]:
+                # Same targets; the prompts may have gained a prefix.
+                tf = teacher_forced_batch(self.edited.tokenizer, [self._edit_texts[i] for i in index.tolist()],
+                                          edit["target"])
             return self.edited.logits(None, tf.input_ids, tf.attention_mask, tf.keep, tf.target_mask.sum(1),
                                       features=features)[:, :-1][tf.target_mask]
         memory = self._with_held_back(self._edit_kv, index, self.edited.memory_tokens(features=features))
@@ -248,11 +305,13 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         if self._edit_features is None:
             raise RuntimeError("call prepare() before training the bridge")
         edit, out = batch["edit"], batch["out"]
-        l1, acc = answer_loss(self._answer_logits(edit), edit["tf"])
+        with lm_head_in(self.edited.llm, self._head_weight):
+            l1, acc = answer_loss(self._answer_logits(edit), edit["tf"])
+            if self.hparams.lambda_kl > 0:
+                teacher, student = self._out_of_scope_logits(out)
         loss = l1
         bs = len(edit["prompt"])
         if self.hparams.lambda_kl > 0:
-            teacher, student = self._out_of_scope_logits(out)
             kl = distill_kl(teacher, student, self.hparams.kl_temperature)
             loss = loss + self.hparams.lambda_kl * kl
             self.log("train/kl", kl, on_step=False, on_epoch=True, batch_size=bs, prog_bar=True)

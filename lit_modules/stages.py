@@ -244,7 +244,7 @@ def bridge(ctx: RunContext) -> None:
         for directory, projector, (_, manifest) in zip(ctx.memory_dirs, projectors, loaded):
             projector.init_gate_from_exist_head(load_exist_head(directory, manifest))
     hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction",
-                               "feature_noise", "paraphrase_jitter", "kl_answer_tokens")}
+                               "feature_noise", "paraphrase_jitter", "kl_answer_tokens", "prefix_prob", "prefix_variants", "lm_head_dtype")}
     lora = None
     if bcfg.lora:
         if len(loaded) > 1:
@@ -253,8 +253,13 @@ def bridge(ctx: RunContext) -> None:
                 "target_modules": OmegaConf.to_container(bcfg.lora_target_modules) if bcfg.lora_target_modules else None}
     module = MemoryBridgeModule(llm, tok, [e for e, _ in loaded], projectors, lora=lora, **hp)
     start = time.perf_counter()
+    # Distractor prefixes: finished sentences (prompt and known answer) of records not edited,
+    # put before the edits of the datasets in `prefix_datasets` only.
+    prefixes = [f"{o.prompt} {o.answer}." if o.answer else o.prompt for o in dm.out_of_scope]
+    augmented = set(bcfg.prefix_datasets or ())
     module.prepare([r.prompt for r in dm.edits], [o.prompt for o in dm.out_of_scope],
-                   paraphrase_pairs=dm.paraphrase_pairs)
+                   paraphrase_pairs=dm.paraphrase_pairs, prefixes=prefixes,
+                   prefix_probs=[bcfg.prefix_prob if r.dataset in augmented else 0.0 for r in dm.edits])
     dm.connect(tok, batch_size=bcfg.batch_size, out_batch_size=bcfg.out_batch_size)
     trainer = make_trainer(ctx, f"bridge-{cfg.llm.name}", bcfg.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, f"bridge-{cfg.llm.name}"),

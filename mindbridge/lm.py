@@ -53,6 +53,37 @@ def read_hidden_states_contiguously(model: PreTrainedModel) -> PreTrainedModel:
 
 
 @contextlib.contextmanager
+def lm_head_in(model: PreTrainedModel, weight: torch.Tensor | None):
+    """Inside this context the LM head multiplies by `weight` (a lower-precision copy of its
+    own, e.g. bfloat16) wherever gradients flow, and returns the input's dtype.
+
+    Frozen weights are cast again at every call under autocast (its cast cache holds only
+    trainable leaves), so `trainer.precision=bf16-mixed` does not speed up a frozen LLM on the
+    CPU; a copy made once does. Under `no_grad` (teachers, evaluation) the head is unchanged.
+    `weight=None`: no change at all.
+    """
+    head = model.get_output_embeddings()
+    if weight is None or head is None:
+        yield
+        return
+    full, own = head.forward, "forward" in vars(head)
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(weight.dtype)
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return full(hidden)
+        return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).to(hidden.dtype)
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own:
+            head.forward = full
+        else:
+            del head.forward
+
+
+@contextlib.contextmanager
 def lm_head_only_at(model: PreTrainedModel, select: torch.Tensor):
     """Inside this context the LM head scores only the kept positions where `select` `(B, K)`
     is True, so the model returns logits `(1, N, V)` (rows in row-major order of `select`).

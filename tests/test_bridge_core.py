@@ -297,14 +297,15 @@ def test_gate_started_from_the_existence_head_is_its_in_scope_probability() -> N
 # --------------------------------------------------------------------------- bridge training step
 
 
-def _bridge_module(position: str = "suffix", **hparams):
+def _bridge_module(position: str = "suffix", prefixes: tuple[str, ...] = (), prefix_probs=None, **hparams):
     from lit_modules.bridge import MemoryBridgeModule
     llm, tok = _llm("llama")
     module = MemoryBridgeModule(llm, tok, _encoder(), _projector(1, position=position), **hparams)
     edits = ["The Eiffel Tower is in", "Who wrote Hamlet?"]
     outs = ["Where is Rome?", "Name a colour:", "Who is the author of Faust?"]
     module.prepare(edits, outs, paraphrase_pairs=[("Who wrote Faust?", "Faust was written by whom?"),
-                                                  ("Where is Rome?", "In which country is Rome?")])
+                                                  ("Where is Rome?", "In which country is Rome?")],
+                   prefixes=prefixes, prefix_probs=prefix_probs)
     return module, outs
 
 
@@ -398,3 +399,73 @@ def test_paraphrase_jitter_moves_rows_by_non_edited_displacements() -> None:
     assert (dist.min(1).values < 1e-5).all()
     module.eval()
     torch.testing.assert_close(module._features(table, torch.tensor([0, 1]))[0], table[0][:2])
+
+
+PREFIXES = ("Rome is in Italy.", "Red is a colour.")
+
+
+def test_prefix_augmentation_caches_prefixed_copies_of_every_edit() -> None:
+    module, _ = _bridge_module(prefixes=PREFIXES, prefix_prob=1.0, prefix_variants=3)
+    edits = ["The Eiffel Tower is in", "Who wrote Hamlet?"]
+    texts = module._edit_texts
+    assert texts[:2] == edits and len(texts) == 8
+    for row, text in enumerate(texts[2:], start=2):
+        prefix, _, rest = text.partition(". ")
+        assert f"{prefix}." in PREFIXES and rest == edits[row % 2]
+    assert len(module._edit_features[0]) == len(module._edit_kv) == 8
+    index = torch.tensor([0, 1, 1, 0])
+    module.train()
+    rows = module._edit_rows(index)
+    assert (rows >= 2).all() and torch.equal(rows % 2, index)       # always a prefixed copy of the same edit
+    module.eval()
+    assert module._edit_rows(index) is index                        # never when scoring
+
+
+def test_prefix_augmentation_off_reads_the_bare_prompts() -> None:
+    module, _ = _bridge_module(prefixes=PREFIXES, prefix_prob=0.0)
+    assert module._edit_texts == ["The Eiffel Tower is in", "Who wrote Hamlet?"]
+    module.train()
+    index = torch.tensor([0, 1])
+    assert module._edit_rows(index) is index
+
+
+def test_prefix_probability_per_edit() -> None:
+    # The stage gives CounterFact edits the prefix probability and others 0 (`prefix_datasets`).
+    module, _ = _bridge_module(prefixes=PREFIXES, prefix_probs=[1.0, 0.0], prefix_variants=2)
+    assert len(module._edit_texts) == 6
+    module.train()
+    index = torch.tensor([0, 1] * 20)
+    rows = module._edit_rows(index)
+    assert (rows[index == 0] >= 2).all() and (rows[index == 1] == 1).all()
+    with pytest.raises(ValueError, match="3 prefix probabilities for 2 edits"):
+        _bridge_module(prefixes=PREFIXES, prefix_probs=[1.0, 0.0, 0.5])
+
+
+def test_prefixed_rows_cached_equal_full_forward() -> None:
+    module, _ = _bridge_module(prefixes=PREFIXES, prefix_prob=0.5, prefix_variants=2)
+    _, tok = _llm("llama")
+    prompts, targets = ["The Eiffel Tower is in", "Who wrote Hamlet?"] * 3, ["Paris, France", "Shakespeare"] * 3
+    edit = {"index": torch.tensor([0, 1] * 3), "target": targets, "tf": teacher_forced_batch(tok, prompts, targets)}
+    module.train()
+    with torch.no_grad():
+        torch.manual_seed(4)
+        cached = module._answer_logits(edit)
+        module._edit_kv = None                       # the full forward re-tokenises the prefixed prompts
+        torch.manual_seed(4)
+        full = module._answer_logits(edit)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_augmentation_without_prefixes_is_refused() -> None:
+    with pytest.raises(ValueError, match="distractor prefixes"):
+        _bridge_module(prefixes=(), prefix_prob=0.5)
+
+
+def test_lm_head_dtype_must_be_a_floating_point_dtype() -> None:
+    with pytest.raises(ValueError, match="lm_head_dtype='int8'"):
+        _bridge_module(lm_head_dtype="int8")
+    with pytest.raises(ValueError, match="lm_head_dtype='fp13'"):
+        _bridge_module(lm_head_dtype="fp13")
+    module, _ = _bridge_module(lm_head_dtype="bfloat16")
+    assert module._head_weight.dtype == torch.bfloat16
+    assert "_head_weight" not in "".join(module.state_dict())           # never checkpointed

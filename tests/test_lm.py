@@ -15,6 +15,7 @@ from mindbridge.lm import (
     continuation_logits,
     first_token_index,
     insert_tokens,
+    lm_head_in,
 )
 from mindbridge.loading import load_causal_lm, load_masked_lm
 from mindbridge.tokenization import (
@@ -315,3 +316,28 @@ def test_shared_positions_leave_the_text_positions_alone() -> None:
     at = torch.tensor([3, 4])                  # row 0: 2 prompt tokens; row 1: 4
     assert soft_token_positions(mask, at, 2, True).tolist() == [[0, 0, 1, 1, 1, 2, 3], [0, 1, 2, 3, 3, 3, 4]]
     assert soft_token_positions(mask, at, 2, False).tolist() == [[0, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6]]
+
+
+# --------------------------------------------------------------------------- lm_head_in
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_lm_head_in_bf16_scores_with_gradients_only(name: str) -> None:
+    model, tok = _model(name)
+    ids, mask = prompt_batch(tok, PROMPTS)
+    with torch.no_grad():
+        full = causal_logits(model, ids, mask, keep=1)
+    weight = model.get_output_embeddings().weight.detach().to(torch.bfloat16)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with lm_head_in(model, weight):
+        with torch.no_grad():                              # teachers and evaluation: unchanged
+            torch.testing.assert_close(causal_logits(model, ids, mask, keep=1), full, atol=0, rtol=0)
+        low = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_for(mask),
+                    logits_to_keep=1).logits
+    assert low.dtype == torch.float32 and not torch.equal(low, full)
+    torch.testing.assert_close(low, full, atol=0.05, rtol=0.02)           # bfloat16 rounding only
+    low.sum().backward()
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+    assert "forward" not in vars(model.get_output_embeddings())           # restored on exit
+    with lm_head_in(model, None):                                          # None: no change
+        assert "forward" not in vars(model.get_output_embeddings())

@@ -134,3 +134,27 @@ def test_memory_keeps_the_existence_head_and_a_gated_bridge_starts_from_it(defau
     save_file(tensors, copy / "exist_head.safetensors")
     with pytest.raises(ArtifactError, match="existence head"):
         train(tiny_cfg("stage=bridge", f"memory={copy}", "model.bridge.projector.gated=true"), tmp_path / "tampered")
+
+
+def test_bridge_with_a_bf16_lm_head_and_prefix_augmentation(default_run, tiny_cfg, tmp_path, monkeypatch):
+    import shutil
+
+    import lightning as L
+    run, _ = default_run
+    copy = tmp_path / "memory"
+    shutil.copytree(run / "memory", copy)
+    seen = {}
+    original = L.Trainer.fit
+
+    def fit(trainer, module, *args, **kwargs):
+        seen["head"] = module._head_weight.dtype
+        seen["copies"] = len(module._edit_texts) // module._n_edits
+        return original(trainer, module, *args, **kwargs)
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    metrics = train(tiny_cfg("stage=bridge", f"memory={copy}", "model.bridge.lm_head_dtype=bfloat16",
+                             "model.bridge.prefix_prob=0.5", "model.bridge.prefix_datasets=[zsre]",
+                             "model.bridge.prefix_variants=2"), tmp_path / "bf16")
+    assert seen == {"head": torch.bfloat16, "copies": 3}
+    assert 0.0 <= metrics["rel"] <= 100.0 and metrics["bridge_loss"] == metrics["bridge_loss"]   # finite, not NaN
+    bridge = json.loads((copy / "bridges" / "tiny_llama" / "bridge.json").read_text())
+    assert bridge["hyperparameters"]["lm_head_dtype"] == "bfloat16"
