@@ -51,8 +51,8 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         # Edit prompt texts: the bare prompts, then `prefix_variants` prefixed copies of them
         # (copy v of edit i at v * n + i); features and cached prompts follow the same layout.
         self._edit_texts: list[str] = []
-        self._n_edits = 0
-        self._prefix_probs = torch.zeros(0)
+        self._prefix_probs = torch.zeros(0)      # per edit
+        self._copies = 0                         # prefixed copies per edit prompt
         # A lower-precision copy of the frozen LM head's weight for the student (`lm_head_dtype`).
         self._head_weight: torch.Tensor | None = None
         if lm_head_dtype:
@@ -96,14 +96,13 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         (default: `prefix_prob` for every edit).
         """
         self._edit_features, self._out_features, self._displacements = [], [], []
-        self._n_edits = len(edit_prompts)
-        probs = [self.hparams.prefix_prob] * self._n_edits if prefix_probs is None else list(prefix_probs)
-        if len(probs) != self._n_edits:
-            raise ValueError(f"{len(probs)} prefix probabilities for {self._n_edits} edits")
+        n = len(edit_prompts)
+        probs = [self.hparams.prefix_prob] * n if prefix_probs is None else list(prefix_probs)
+        if len(probs) != n:
+            raise ValueError(f"{len(probs)} prefix probabilities for {n} edits")
         self._prefix_probs = torch.tensor(probs, dtype=torch.float)
-        copies = max(probs, default=0.0) > 0
-        self._edit_texts = list(edit_prompts) + (self._prefixed_copies(list(edit_prompts), list(prefixes))
-                                                 if copies else [])
+        self._copies = self.hparams.prefix_variants if max(probs, default=0.0) > 0 else 0
+        self._edit_texts = list(edit_prompts) + self._prefixed_copies(list(edit_prompts), list(prefixes))
         edit_prompts = self._edit_texts
         use_pairs = self.hparams.paraphrase_jitter > 0 and len(paraphrase_pairs) > 0
         for encoder, projector in zip(self.edited.encoders, self.edited.projectors):
@@ -125,30 +124,29 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
                 self._out_kv = PromptKVStore(llm, tok, out_prompts, batch_size, keep_logits=True, hold_back=hold)
 
     def _prefixed_copies(self, prompts: list[str], prefixes: list[str]) -> list[str]:
-        """`prefix_variants` copies of every prompt, each behind a random distractor prefix.
+        """`self._copies` copies of every prompt, each behind a random distractor prefix.
 
         Prefix augmentation in Stage II (the official code does it for CounterFact, whose
         paraphrases open with an unrelated sentence): with its edit's prefix probability a
-        training row reads one of these copies, in the encoder and in the LLM alike. A fixed number of
-        copies keeps every prompt cacheable.
+        training row reads one of these copies, in the encoder and in the LLM alike. A fixed
+        number of copies keeps every prompt cacheable.
         """
-        if self.hparams.prefix_variants < 1:
+        if self._copies < 1:
             return []
         if not prefixes:
             raise ValueError("model.bridge.prefix_prob > 0 needs distractor prefixes; the split has no "
                              "out-of-scope records to take them from.")
         draw = random.Random(0)
-        return [f"{draw.choice(prefixes)} {p}" for _ in range(self.hparams.prefix_variants) for p in prompts]
+        return [f"{draw.choice(prefixes)} {p}" for _ in range(self._copies) for p in prompts]
 
     def _edit_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows of the edit tables for a batch of edits: while training, with the edit's prefix
         probability a random prefixed copy instead of the bare prompt."""
-        copies = len(self._edit_texts) // self._n_edits - 1 if self._n_edits else 0
-        if not self.training or copies < 1:
+        if not self.training or self._copies < 1:
             return index
         use = torch.rand(len(index)) < self._prefix_probs[index.cpu()]
-        copy = torch.randint(1, copies + 1, (len(index),))
-        return index + use.long() * copy * self._n_edits
+        copy = torch.randint(1, self._copies + 1, (len(index),))
+        return index + use.long() * copy * len(self._prefix_probs)
 
     def _teacher_logits(self, index: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         missing = [k for k, i in enumerate(index.tolist()) if i not in self._teacher]

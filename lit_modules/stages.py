@@ -244,7 +244,8 @@ def bridge(ctx: RunContext) -> None:
         for directory, projector, (_, manifest) in zip(ctx.memory_dirs, projectors, loaded):
             projector.init_gate_from_exist_head(load_exist_head(directory, manifest))
     hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction",
-                               "feature_noise", "paraphrase_jitter", "kl_answer_tokens", "prefix_prob", "prefix_variants", "lm_head_dtype")}
+                               "feature_noise", "paraphrase_jitter", "kl_answer_tokens", "prefix_prob",
+                               "prefix_variants", "lm_head_dtype")}
     lora = None
     if bcfg.lora:
         if len(loaded) > 1:

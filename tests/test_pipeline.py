@@ -148,7 +148,7 @@ def test_bridge_with_a_bf16_lm_head_and_prefix_augmentation(default_run, tiny_cf
 
     def fit(trainer, module, *args, **kwargs):
         seen["head"] = module._head_weight.dtype
-        seen["copies"] = len(module._edit_texts) // module._n_edits
+        seen["copies"] = len(module._edit_texts) // len(module._prefix_probs)
         return original(trainer, module, *args, **kwargs)
     monkeypatch.setattr(L.Trainer, "fit", fit)
     metrics = train(tiny_cfg("stage=bridge", f"memory={copy}", "model.bridge.lm_head_dtype=bfloat16",
