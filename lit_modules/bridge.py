@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +10,8 @@ import torch
 from lit_modules.common import TrainableOnlyCheckpoint, warmup_cosine
 from mindbridge.bridge import MemoryAugmentedLM, MemoryProjector, add_lora, answer_loss, distill_kl
 from mindbridge.encoder import MemoryEncoder
-from mindbridge.lm import PromptKVStore, causal_logits, continuation_logits, lm_head_in, without_adapters
+from mindbridge.lm import (PromptKVStore, causal_logits, continuation_logits, has_native_bfloat16, lm_head_dtype_choice,
+                           lm_head_in, resolve_lm_head_dtype, without_adapters)
 from mindbridge.tokenization import first_answer_tokens, teacher_forced_batch
 
 
@@ -53,14 +55,20 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         self._edit_texts: list[str] = []
         self._prefix_probs = torch.zeros(0)      # per edit
         self._copies = 0                         # prefixed copies per edit prompt
-        # A lower-precision copy of the frozen LM head's weight for the student (`lm_head_dtype`).
+        # A lower-precision copy of the frozen LM head's weight for the student (`lm_head_dtype`),
+        # made on the training device at fit start ("auto" depends on that device).
+        self._head_dtype_choice = lm_head_dtype_choice(lm_head_dtype)
         self._head_weight: torch.Tensor | None = None
-        if lm_head_dtype:
-            dtype = getattr(torch, str(lm_head_dtype), None)
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(f"model.bridge.lm_head_dtype={lm_head_dtype!r} is not a torch floating-point "
-                                 "dtype; use bfloat16, float16 or null.")
-            self._head_weight = self.edited.llm.get_output_embeddings().weight.detach().to(dtype)
+        self.student_head_dtype: str | None = None           # what it resolved to, for bridge.json
+
+    def on_fit_start(self) -> None:
+        dtype = resolve_lm_head_dtype(self._head_dtype_choice, self.device)
+        if dtype == torch.bfloat16 and not has_native_bfloat16(self.device):
+            warnings.warn(f"model.bridge.lm_head_dtype=bfloat16 on {self.device}, which has no native bfloat16: "
+                          "its LM head will be far slower than in fp32 (use auto or null).", stacklevel=2)
+        weight = self.edited.llm.get_output_embeddings().weight
+        self._head_weight = None if dtype is None else weight.detach().to(dtype)
+        self.student_head_dtype = str(dtype or weight.dtype).removeprefix("torch.")
 
     @property
     def projector(self) -> MemoryProjector:

@@ -282,7 +282,8 @@ def bridge(ctx: RunContext) -> None:
         projector.eval()
         info = {"bridge_seconds": seconds, "projector_params": n_proj, "llm_params": n_llm,
                 "hyperparameters": OmegaConf.to_container(bcfg), "final_losses": logged,
-                "group_encoders": [m["encoder_sha256"] for m in manifests], "group_index": i, **lora_info}
+                "group_encoders": [m["encoder_sha256"] for m in manifests], "group_index": i,
+                "student_head_dtype": module.student_head_dtype, **lora_info}
         save_bridge(directory, name, projector, ctx.llm_identity, info, extra=extra)
     if lora:
         # Take the adapters out again: later jobs load the bridge (and its adapters) from disk.

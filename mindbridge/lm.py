@@ -52,6 +52,41 @@ def read_hidden_states_contiguously(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def has_native_bfloat16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies in bfloat16 in hardware. A CPU without AVX512-BF16 or AMX
+    emulates it: on an AVX2 EPYC, Gemma-3's LM head (forward and backward, 40 rows) took 84 s in
+    bfloat16 against 1.2 s in fp32, while an AVX512-BF16 CPU ran it twice as fast as fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # torch.cpu's feature probes (private, so looked up rather than assumed).
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def lm_head_dtype_choice(name: str | None) -> torch.dtype | str | None:
+    """Parse `model.bridge.lm_head_dtype`: None (fp32), "auto", or a floating-point dtype name."""
+    if name is None or str(name) in ("null", "none", "None"):
+        return None
+    if str(name) == "auto":
+        return "auto"
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"model.bridge.lm_head_dtype={name!r} is not a torch floating-point dtype; "
+                         "use auto, bfloat16, float16 or null.")
+    return dtype
+
+
+def resolve_lm_head_dtype(choice: torch.dtype | str | None, device: torch.device | str) -> torch.dtype | None:
+    """The dtype the student's LM head runs in on `device`; None keeps the weight's own.
+    "auto" is bfloat16 only where the hardware has it natively."""
+    if choice == "auto":
+        return torch.bfloat16 if has_native_bfloat16(device) else None
+    return choice
+
+
 @contextlib.contextmanager
 def lm_head_in(model: PreTrainedModel, weight: torch.Tensor | None):
     """Inside this context the LM head multiplies by `weight` (a lower-precision copy of its

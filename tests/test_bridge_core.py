@@ -461,11 +461,19 @@ def test_prefix_augmentation_without_prefixes_is_refused() -> None:
         _bridge_module(prefixes=(), prefix_prob=0.5)
 
 
-def test_lm_head_dtype_must_be_a_floating_point_dtype() -> None:
+def test_lm_head_dtype_must_be_a_floating_point_dtype(monkeypatch) -> None:
     with pytest.raises(ValueError, match="lm_head_dtype='int8'"):
         _bridge_module(lm_head_dtype="int8")
     with pytest.raises(ValueError, match="lm_head_dtype='fp13'"):
         _bridge_module(lm_head_dtype="fp13")
     module, _ = _bridge_module(lm_head_dtype="bfloat16")
-    assert module._head_weight.dtype == torch.bfloat16
+    assert module._head_weight is None                                   # made on the fit device
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.warns(UserWarning, match="no native bfloat16"):
+        module.on_fit_start()
+    assert module._head_weight.dtype == torch.bfloat16 and module.student_head_dtype == "bfloat16"
     assert "_head_weight" not in "".join(module.state_dict())           # never checkpointed
+    auto, _ = _bridge_module(lm_head_dtype="auto")
+    auto.on_fit_start()                                                  # emulated here: fp32
+    assert auto._head_weight is None and auto.student_head_dtype == "float32"

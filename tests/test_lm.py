@@ -15,7 +15,10 @@ from mindbridge.lm import (
     continuation_logits,
     first_token_index,
     insert_tokens,
+    has_native_bfloat16,
+    lm_head_dtype_choice,
     lm_head_in,
+    resolve_lm_head_dtype,
 )
 from mindbridge.loading import load_causal_lm, load_masked_lm
 from mindbridge.tokenization import (
@@ -341,3 +344,19 @@ def test_lm_head_in_bf16_scores_with_gradients_only(name: str) -> None:
     assert "forward" not in vars(model.get_output_embeddings())           # restored on exit
     with lm_head_in(model, None):                                          # None: no change
         assert "forward" not in vars(model.get_output_embeddings())
+
+
+def test_lm_head_dtype_auto_is_bfloat16_only_with_native_hardware(monkeypatch) -> None:
+    assert lm_head_dtype_choice(None) is None and lm_head_dtype_choice("null") is None
+    assert lm_head_dtype_choice("auto") == "auto" and lm_head_dtype_choice("float16") == torch.float16
+    with pytest.raises(ValueError, match="lm_head_dtype='int8'"):
+        lm_head_dtype_choice("int8")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        assert has_native_bfloat16("cpu") is native
+        assert resolve_lm_head_dtype("auto", "cpu") == (torch.bfloat16 if native else None)
+        # An explicit choice is kept whatever the hardware (the module warns where it is emulated).
+        assert resolve_lm_head_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+        assert resolve_lm_head_dtype(None, "cpu") is None
+    assert has_native_bfloat16("meta") is False
