@@ -8,11 +8,20 @@ from collections.abc import Sequence
 import torch
 
 from lit_modules.common import TrainableOnlyCheckpoint, warmup_cosine
-from mindbridge.bridge import MemoryAugmentedLM, MemoryProjector, add_lora, answer_loss, distill_kl
+from mindbridge.bridge import (MemoryAugmentedLM, MemoryProjector, TrainingVocabulary, add_lora, answer_loss, distill_kl,
+                               encode_answer_tokens)
 from mindbridge.encoder import MemoryEncoder
 from mindbridge.lm import (PromptKVStore, causal_logits, continuation_logits, has_native_bfloat16, lm_head_dtype_choice,
                            lm_head_in, resolve_lm_head_dtype, without_adapters)
-from mindbridge.tokenization import first_answer_tokens, teacher_forced_batch
+from mindbridge.tokenization import answer_batch, first_answer_tokens, teacher_forced_batch
+
+
+def later_answer_positions(answer_mask: torch.Tensor) -> torch.Tensor:
+    """The answer tokens `(B, T)` of right-aligned answers but each row's first one."""
+    width, n = answer_mask.shape[1], answer_mask.sum(1)
+    later = answer_mask.clone()
+    later[torch.arange(len(answer_mask)), (width - n).clamp(max=width - 1)] = False
+    return later & answer_mask
 
 
 class MemoryBridgeModule(TrainableOnlyCheckpoint):
@@ -29,7 +38,8 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
                  lambda_kl: float = 1.0, kl_temperature: float = 1.5, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_fraction: float = 0.1, feature_noise: float = 0.0,
                  paraphrase_jitter: float = 0.0, kl_answer_tokens: int = 0, prefix_prob: float = 0.0,
-                 prefix_variants: int = 2, lm_head_dtype: str | None = None, lora: dict | None = None):
+                 prefix_variants: int = 2, lm_head_dtype: str | None = None, train_vocab_top_k: int | None = None,
+                 lora: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["llm", "tokenizer", "encoders", "projectors"])
         # Several memories (Multi-MindBridge, Eq. 7) train their projectors jointly: one soft
@@ -60,15 +70,21 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         self._head_dtype_choice = lm_head_dtype_choice(lm_head_dtype)
         self._head_weight: torch.Tensor | None = None
         self.student_head_dtype: str | None = None           # what it resolved to, for bridge.json
+        # The tokens the losses are computed over (`train_vocab_top_k`; None: all), from `prepare`.
+        self.vocabulary: TrainingVocabulary | None = None
 
     def on_fit_start(self) -> None:
         dtype = resolve_lm_head_dtype(self._head_dtype_choice, self.device)
         if dtype == torch.bfloat16 and not has_native_bfloat16(self.device):
             warnings.warn(f"model.bridge.lm_head_dtype=bfloat16 on {self.device}, which has no native bfloat16: "
                           "its LM head will be far slower than in fp32 (use auto or null).", stacklevel=2)
-        weight = self.edited.llm.get_output_embeddings().weight
-        self._head_weight = None if dtype is None else weight.detach().to(dtype)
+        weight = self.edited.llm.get_output_embeddings().weight.detach()
         self.student_head_dtype = str(dtype or weight.dtype).removeprefix("torch.")
+        if self.vocabulary is not None:
+            weight = self.vocabulary.rows(weight)        # a copy: only the candidates' rows
+        elif dtype is None:
+            weight = None                                # the head as it is
+        self._head_weight = None if weight is None else weight.to(dtype or weight.dtype)
 
     @property
     def projector(self) -> MemoryProjector:
@@ -95,13 +111,15 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
 
     def prepare(self, edit_prompts: list[str], out_prompts: list[str], batch_size: int = 32,
                 paraphrase_pairs: Sequence[tuple[str, str]] = (), prefixes: Sequence[str] = (),
-                prefix_probs: Sequence[float] | None = None) -> None:
+                prefix_probs: Sequence[float] | None = None, edit_targets: Sequence[str] | None = None,
+                old_targets: Sequence[str | None] = (), out_answers: Sequence[str | None] | None = None) -> None:
         """Cache what does not change while the projector trains (call before `fit`).
 
         `paraphrase_pairs` are (question, rephrase) pairs of facts that are not edited; their
         memory displacements drive the paraphrase jitter (see `_features`). `prefixes` are the
         distractor texts of the prefix augmentation, `prefix_probs` its probability per edit
-        (default: `prefix_prob` for every edit).
+        (default: `prefix_prob` for every edit). With `train_vocab_top_k`, the edits' new and old
+        targets and the out-of-scope answers (None: unknown) give the training vocabulary.
         """
         self._edit_features, self._out_features, self._displacements = [], [], []
         n = len(edit_prompts)
@@ -130,6 +148,50 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
             self._edit_kv = PromptKVStore(llm, tok, edit_prompts, batch_size, hold_back=hold)
             if self.hparams.lambda_kl > 0:
                 self._out_kv = PromptKVStore(llm, tok, out_prompts, batch_size, keep_logits=True, hold_back=hold)
+        if self.hparams.train_vocab_top_k:
+            self.vocabulary = self._training_vocabulary(list(edit_prompts[:n]), out_prompts, edit_targets,
+                                                        old_targets, out_answers)
+
+    def _training_vocabulary(self, edit_prompts: list[str], out_prompts: list[str], edit_targets, old_targets,
+                             out_answers) -> TrainingVocabulary:
+        """The candidates at every position L_1 and the KL score: the edits' answer positions and,
+        out of scope, the positions that predict the first `kl_answer_tokens` answer tokens (at
+        least the one after the prompt)."""
+        if edit_targets is None or len(edit_targets) != len(edit_prompts):
+            raise ValueError("model.bridge.train_vocab_top_k needs the edit targets (one per edit prompt)")
+        answers = [None] * len(out_prompts) if out_answers is None else list(out_answers)
+        n_out = max(1, self.hparams.kl_answer_tokens)
+        if n_out == 1:
+            answers = [None] * len(out_prompts)       # only the position after the prompt is scored
+        llm, tok, k = self.edited.llm, self.edited.tokenizer, int(self.hparams.train_vocab_top_k)
+        edits = TrainingVocabulary.from_unedited_model(llm, tok, edit_prompts, list(edit_targets), k,
+                                                       extra_answers=[*edit_targets, *old_targets])
+        known = [a for a in (out_answers or ()) if a]
+        if self._out_kv is None:
+            outs = TrainingVocabulary.from_unedited_model(llm, tok, out_prompts, answers, k, max_answer_tokens=n_out,
+                                                          extra_answers=known)
+            return TrainingVocabulary(torch.cat([edits.ids, outs.ids]), edits.vocab_size)
+        # With cached prompts the KL's teachers are computed here, once (training reuses them),
+        # and the candidates are their top-k.
+        tops = [t.topk(min(k, t.shape[-1]), dim=-1).indices.flatten() for t in self._all_out_of_scope_teachers(answers)]
+        found = [edits.ids, *tops, *(torch.tensor(encode_answer_tokens(tok, a), dtype=torch.long) for a in known)]
+        return TrainingVocabulary(torch.cat(found), edits.vocab_size)
+
+    def _all_out_of_scope_teachers(self, answers: list[str | None], batch_size: int = 32):
+        """Every teacher row the KL will read, per batch of out-of-scope prompts: the logits after
+        each prompt, and at its later answer positions (computed now and kept for training)."""
+        store, n_tokens = self._out_kv, self.hparams.kl_answer_tokens
+        embed = self.edited.llm.get_input_embeddings()
+        for start in range(0, len(store), batch_size):
+            index = list(range(start, min(start + batch_size, len(store))))
+            yield store.teacher_logits(index)
+            if n_tokens < 1:
+                continue
+            ids, amask = first_answer_tokens(*answer_batch(self.edited.tokenizer, [answers[i] for i in index]),
+                                             n_tokens)
+            if amask.any():
+                lead = embed(store.held_back(index).to(embed.weight.device)).detach()
+                yield from self._answer_teacher(torch.tensor(index), ids, amask, later_answer_positions(amask), lead)
 
     def _prefixed_copies(self, prompts: list[str], prefixes: list[str]) -> list[str]:
         """`self._copies` copies of every prompt, each behind a random distractor prefix.
@@ -252,9 +314,7 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         # Row b's last memory token (index P-1+T-n_b) predicts its first answer token; answer
         # position t > first is predicted at P-1+t (as in `continuation_logits`). The LM head runs
         # at those positions only, in row-major order: per row, first then the later ones.
-        later = amask.clone()
-        later[rows, (width - n).clamp(max=width - 1)] = False
-        later &= amask
+        later = later_answer_positions(amask)
         select = torch.zeros(len(ids), plen + width, dtype=torch.bool, device=later.device)
         select[:, plen - 1:-1] = later
         select[rows, plen - 1 + width - n] = True
@@ -283,7 +343,8 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
             select = torch.zeros(len(missing), held + ids.shape[1], dtype=torch.bool, device=later.device)
             select[:, held:-1] = later[m, 1:]
             counts = later[m].sum(1).tolist()
-            fresh = lead.new_zeros(0, 0)        # no later answer positions: nothing to run
+            # No later answer positions: nothing to run (but rows of the full width, for the cat).
+            fresh = lead.new_zeros(0, self.edited.llm.get_output_embeddings().weight.shape[0])
             if any(counts):
                 cache, mask = self._out_kv.batch([keys[k] for k in missing])
                 with torch.no_grad():
@@ -311,10 +372,13 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         if self._edit_features is None:
             raise RuntimeError("call prepare() before training the bridge")
         edit, out = batch["edit"], batch["out"]
-        with lm_head_in(self.edited.llm, self._head_weight):
-            l1, acc = answer_loss(self._answer_logits(edit), edit["tf"])
+        vocab = self.vocabulary
+        with lm_head_in(self.edited.llm, self._head_weight, None if vocab is None else vocab.ids):
+            l1, acc = answer_loss(self._answer_logits(edit), edit["tf"], vocab)
             if self.hparams.lambda_kl > 0:
                 teacher, student = self._out_of_scope_logits(out)
+                if vocab is not None:
+                    teacher = vocab.restrict(teacher)      # the teachers ran without gradients: full vocabulary
         loss = l1
         bs = len(edit["prompt"])
         if self.hparams.lambda_kl > 0:

@@ -245,7 +245,7 @@ def bridge(ctx: RunContext) -> None:
             projector.init_gate_from_exist_head(load_exist_head(directory, manifest))
     hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction",
                                "feature_noise", "paraphrase_jitter", "kl_answer_tokens", "prefix_prob",
-                               "prefix_variants", "lm_head_dtype")}
+                               "prefix_variants", "lm_head_dtype", "train_vocab_top_k")}
     lora = None
     if bcfg.lora:
         if len(loaded) > 1:
@@ -260,7 +260,9 @@ def bridge(ctx: RunContext) -> None:
     augmented = set(bcfg.prefix_datasets or ())
     module.prepare([r.prompt for r in dm.edits], [o.prompt for o in dm.out_of_scope],
                    paraphrase_pairs=dm.paraphrase_pairs, prefixes=prefixes,
-                   prefix_probs=[bcfg.prefix_prob if r.dataset in augmented else 0.0 for r in dm.edits])
+                   prefix_probs=[bcfg.prefix_prob if r.dataset in augmented else 0.0 for r in dm.edits],
+                   edit_targets=[r.target_new for r in dm.edits], old_targets=[r.target_true for r in dm.edits],
+                   out_answers=[o.answer for o in dm.out_of_scope])
     dm.connect(tok, batch_size=bcfg.batch_size, out_batch_size=bcfg.out_batch_size)
     trainer = make_trainer(ctx, f"bridge-{cfg.llm.name}", bcfg.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, f"bridge-{cfg.llm.name}"),
@@ -278,17 +280,19 @@ def bridge(ctx: RunContext) -> None:
                      "lora_sha256": tensors_fingerprint(adapters)}
         extra = {"lora": lambda path: adapted.save_pretrained(str(path), safe_serialization=True)}
     n_proj = sum(p.numel() for proj in projectors for p in proj.parameters()) + lora_info.get("lora_params", 0)
+    # Tokens the losses were computed over (model.bridge.train_vocab_top_k; the whole vocabulary without it).
+    vocabulary = len(module.vocabulary) if module.vocabulary is not None else llm.get_output_embeddings().weight.shape[0]
     for i, (directory, projector) in enumerate(zip(ctx.memory_dirs, projectors)):
         projector.eval()
         info = {"bridge_seconds": seconds, "projector_params": n_proj, "llm_params": n_llm,
                 "hyperparameters": OmegaConf.to_container(bcfg), "final_losses": logged,
                 "group_encoders": [m["encoder_sha256"] for m in manifests], "group_index": i,
-                "student_head_dtype": module.student_head_dtype, **lora_info}
+                "student_head_dtype": module.student_head_dtype, "student_vocabulary": vocabulary, **lora_info}
         save_bridge(directory, name, projector, ctx.llm_identity, info, extra=extra)
     if lora:
         # Take the adapters out again: later jobs load the bridge (and its adapters) from disk.
         ctx.llm = module.edited.llm.unload()
-    ctx.metrics.update({"bridge_seconds": seconds, "projector_params": n_proj,
+    ctx.metrics.update({"bridge_seconds": seconds, "projector_params": n_proj, "bridge_vocabulary": vocabulary,
                         "projector_params_pct_of_llm": 100.0 * n_proj / n_llm,
                         **{f"bridge_{k}": v for k, v in logged.items()}})
 

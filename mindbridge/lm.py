@@ -88,9 +88,10 @@ def resolve_lm_head_dtype(choice: torch.dtype | str | None, device: torch.device
 
 
 @contextlib.contextmanager
-def lm_head_in(model: PreTrainedModel, weight: torch.Tensor | None):
+def lm_head_in(model: PreTrainedModel, weight: torch.Tensor | None, token_ids: torch.Tensor | None = None):
     """Inside this context the LM head multiplies by `weight` (a lower-precision copy of its
-    own, e.g. bfloat16) wherever gradients flow, and returns the input's dtype.
+    own, e.g. bfloat16, or the rows of the tokens `token_ids` only) wherever gradients flow, and
+    returns the input's dtype; with `token_ids` its logits are over those tokens, in that order.
 
     Frozen weights are cast again at every call under autocast (its cast cache holds only
     trainable leaves), so `trainer.precision=bf16-mixed` does not speed up a frozen LLM on the
@@ -102,7 +103,9 @@ def lm_head_in(model: PreTrainedModel, weight: torch.Tensor | None):
         yield
         return
     full, own = head.forward, "forward" in vars(head)
-    bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(weight.dtype)
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach()
+    if bias is not None:
+        bias = (bias if token_ids is None else bias[token_ids.to(bias.device)]).to(weight.dtype)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():

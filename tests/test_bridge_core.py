@@ -297,7 +297,8 @@ def test_gate_started_from_the_existence_head_is_its_in_scope_probability() -> N
 # --------------------------------------------------------------------------- bridge training step
 
 
-def _bridge_module(position: str = "suffix", prefixes: tuple[str, ...] = (), prefix_probs=None, **hparams):
+def _bridge_module(position: str = "suffix", prefixes: tuple[str, ...] = (), prefix_probs=None,
+                   edit_targets=("Rome", "Goethe"), **hparams):
     from lit_modules.bridge import MemoryBridgeModule
     llm, tok = _llm("llama")
     module = MemoryBridgeModule(llm, tok, _encoder(), _projector(1, position=position), **hparams)
@@ -305,7 +306,8 @@ def _bridge_module(position: str = "suffix", prefixes: tuple[str, ...] = (), pre
     outs = ["Where is Rome?", "Name a colour:", "Who is the author of Faust?"]
     module.prepare(edits, outs, paraphrase_pairs=[("Who wrote Faust?", "Faust was written by whom?"),
                                                   ("Where is Rome?", "In which country is Rome?")],
-                   prefixes=prefixes, prefix_probs=prefix_probs)
+                   prefixes=prefixes, prefix_probs=prefix_probs, edit_targets=edit_targets,
+                   old_targets=["Paris", None], out_answers=["Italy", None, "Goethe"])
     return module, outs
 
 
@@ -477,3 +479,107 @@ def test_lm_head_dtype_must_be_a_floating_point_dtype(monkeypatch) -> None:
     auto, _ = _bridge_module(lm_head_dtype="auto")
     auto.on_fit_start()                                                  # emulated here: fp32
     assert auto._head_weight is None and auto.student_head_dtype == "float32"
+
+
+# --------------------------------------------------------------------------- training vocabulary
+
+
+def test_training_vocabulary_restricts_and_maps_positions() -> None:
+    from mindbridge.bridge import TrainingVocabulary
+    vocab = TrainingVocabulary(torch.tensor([7, 3, 3, 11]), vocab_size=16)
+    assert vocab.ids.tolist() == [3, 7, 11] and len(vocab) == 3
+    logits = torch.arange(32.0).view(2, 16)
+    assert vocab.restrict(logits).tolist() == [[3, 7, 11], [19, 23, 27]]
+    assert vocab.positions(torch.tensor([11, 3])).tolist() == [2, 0]
+    assert vocab.rows(torch.arange(16.0)[:, None]).flatten().tolist() == [3, 7, 11]
+    with pytest.raises(ValueError, match=r"token ids \[5\] are not in the training vocabulary"):
+        vocab.positions(torch.tensor([3, 5]))
+    with pytest.raises(ValueError, match="must lie in"):
+        TrainingVocabulary(torch.tensor([16]), vocab_size=16)
+
+
+def test_training_vocabulary_from_the_unedited_model_holds_targets_and_top_tokens() -> None:
+    from mindbridge.bridge import TrainingVocabulary, encode_answer_tokens
+    llm, tok = _llm("llama")
+    prompts, answers = ["The Eiffel Tower is in", "Name a colour:"], ["Paris, France", None]
+    vocab = TrainingVocabulary.from_unedited_model(llm, tok, prompts, answers, top_k=3, extra_answers=["Rome"])
+    ids = set(vocab.ids.tolist())
+    assert set(encode_answer_tokens(tok, "Paris, France")) <= ids and set(encode_answer_tokens(tok, "Rome")) <= ids
+    tf = teacher_forced_batch(tok, prompts[:1], answers[:1])
+    with torch.no_grad():
+        full = causal_logits(llm, tf.input_ids, tf.attention_mask, keep=tf.target_ids.shape[1] + 1)
+        bare = causal_logits(llm, *prompt_batch(tok, prompts[1:]), keep=1)
+    # the top-3 after the prompt and after every answer token but the last, and after the bare prompt
+    scored = torch.cat([full[0, :-1].topk(3).indices.flatten(), bare[0, -1].topk(3).indices])
+    assert set(scored.tolist()) <= ids
+    assert len(ids) < llm.config.vocab_size
+
+
+def test_training_vocabulary_of_every_token_gives_the_full_losses() -> None:
+    """With every token a candidate the restricted step is the full one, loss and gradients."""
+    losses, grads = [], []
+    for top_k in (None, 10**6):
+        torch.manual_seed(0)
+        module, outs = _bridge_module(kl_answer_tokens=2, train_vocab_top_k=top_k, feature_noise=0.0)
+        _, tok = _llm("llama")
+        module.on_fit_start()
+        module.eval()                            # no dropout: the two steps see the same projector
+        batch = {"edit": {"index": torch.arange(2), "prompt": ["x", "y"],
+                          "tf": teacher_forced_batch(tok, ["The Eiffel Tower is in", "Who wrote Hamlet?"],
+                                                     ["Rome", "Goethe"])},
+                 "out": _out_batch(tok, outs, ["Italy", None, "Goethe"])}
+        module.log = lambda *a, **k: None
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in module.projector.parameters() if p.grad is not None]))
+        if top_k:
+            assert len(module.vocabulary) == module.edited.llm.config.vocab_size
+            assert module._head_weight.shape[0] == len(module.vocabulary)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_training_vocabulary_scores_the_student_over_the_candidates_only() -> None:
+    module, outs = _bridge_module(kl_answer_tokens=2, train_vocab_top_k=2)
+    _, tok = _llm("llama")
+    module.on_fit_start()
+    size = len(module.vocabulary)
+    assert 0 < size < module.edited.llm.config.vocab_size
+    # The KL's teachers were computed while the vocabulary was built, and their top-2 are in it.
+    ids = set(module.vocabulary.ids.tolist())
+    assert sorted(module._answer_teachers) == [0, 1, 2]
+    teachers = [module._out_kv.teacher_logits([0, 1, 2]), *module._answer_teachers.values()]
+    assert all(set(t.float().topk(2, dim=-1).indices.flatten().tolist()) <= ids for t in teachers)
+    seen = []
+    head = module.edited.llm.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: seen.append(out.shape[-1]))
+    from mindbridge.lm import lm_head_in
+    edit = {"index": torch.arange(2), "tf": teacher_forced_batch(tok, ["The Eiffel Tower is in", "Who wrote Hamlet?"],
+                                                               ["Rome", "Goethe"])}
+    try:
+        with lm_head_in(module.edited.llm, module._head_weight, module.vocabulary.ids):
+            student = module._answer_logits(edit)
+            with torch.no_grad():
+                plain = module._answer_logits(edit)
+    finally:
+        handle.remove()
+    assert student.shape[-1] == size and student.requires_grad
+    assert plain.shape[-1] == module.edited.llm.config.vocab_size        # teachers, evaluation: all tokens
+    torch.testing.assert_close(student.detach(), module.vocabulary.restrict(plain), atol=1e-5, rtol=1e-5)
+    l1, _ = answer_loss(student, edit["tf"], module.vocabulary)
+    assert torch.isfinite(l1)
+
+
+def test_training_vocabulary_needs_the_edit_targets() -> None:
+    with pytest.raises(ValueError, match="train_vocab_top_k needs the edit targets"):
+        _bridge_module(train_vocab_top_k=4, edit_targets=None)
+
+
+def test_training_vocabulary_with_a_bfloat16_head_copies_only_the_candidate_rows(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    module, _ = _bridge_module(train_vocab_top_k=2, lm_head_dtype="auto")
+    module.on_fit_start()
+    weight = module.edited.llm.get_output_embeddings().weight
+    assert module._head_weight.dtype == torch.bfloat16 and module.student_head_dtype == "bfloat16"
+    torch.testing.assert_close(module._head_weight, module.vocabulary.rows(weight).to(torch.bfloat16))

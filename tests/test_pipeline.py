@@ -136,22 +136,34 @@ def test_memory_keeps_the_existence_head_and_a_gated_bridge_starts_from_it(defau
         train(tiny_cfg("stage=bridge", f"memory={copy}", "model.bridge.projector.gated=true"), tmp_path / "tampered")
 
 
-def test_bridge_with_a_bf16_lm_head_and_prefix_augmentation(default_run, tiny_cfg, tmp_path, monkeypatch):
+def _memory_copy_watching_the_bridge(default_run, tmp_path, monkeypatch, before=None, after=None):
+    """A copy of the default run's memory, and `Trainer.fit` patched to call `before(module)` and
+    `after(module)` around the bridge's fit (to look at what the module trained with)."""
     import shutil
 
     import lightning as L
     run, _ = default_run
     copy = tmp_path / "memory"
     shutil.copytree(run / "memory", copy)
-    seen = {}
     original = L.Trainer.fit
 
     def fit(trainer, module, *args, **kwargs):
-        seen["copies"] = len(module._edit_texts) // len(module._prefix_probs)
+        if before:
+            before(module)
         result = original(trainer, module, *args, **kwargs)
-        seen["head"] = module._head_weight.dtype
+        if after:
+            after(module)
         return result
     monkeypatch.setattr(L.Trainer, "fit", fit)
+    return copy
+
+
+def test_bridge_with_a_bf16_lm_head_and_prefix_augmentation(default_run, tiny_cfg, tmp_path, monkeypatch):
+    seen = {}
+    copy = _memory_copy_watching_the_bridge(
+        default_run, tmp_path, monkeypatch,
+        before=lambda module: seen.update(copies=len(module._edit_texts) // len(module._prefix_probs)),
+        after=lambda module: seen.update(head=module._head_weight.dtype))
     # "auto" on a CPU that reports native bfloat16 (patched, so the test runs on any CPU).
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     metrics = train(tiny_cfg("stage=bridge", f"memory={copy}", "model.bridge.lm_head_dtype=auto",
@@ -161,3 +173,16 @@ def test_bridge_with_a_bf16_lm_head_and_prefix_augmentation(default_run, tiny_cf
     assert 0.0 <= metrics["rel"] <= 100.0 and metrics["bridge_loss"] == metrics["bridge_loss"]   # finite, not NaN
     bridge = json.loads((copy / "bridges" / "tiny_llama" / "bridge.json").read_text())
     assert bridge["hyperparameters"]["lm_head_dtype"] == "auto" and bridge["student_head_dtype"] == "bfloat16"
+
+
+def test_bridge_over_a_training_vocabulary(default_run, tiny_cfg, tmp_path, monkeypatch):
+    seen = {}
+    copy = _memory_copy_watching_the_bridge(
+        default_run, tmp_path, monkeypatch,
+        after=lambda module: seen.update(head_rows=module._head_weight.shape[0],
+                                         vocab=module.edited.llm.config.vocab_size))
+    metrics = train(tiny_cfg("stage=bridge", f"memory={copy}", "model.bridge.train_vocab_top_k=4",
+                             "model.bridge.kl_answer_tokens=2"), tmp_path / "vocab")
+    bridge = json.loads((copy / "bridges" / "tiny_llama" / "bridge.json").read_text())
+    assert seen["head_rows"] == bridge["student_vocabulary"] == metrics["bridge_vocabulary"] < seen["vocab"]
+    assert 0.0 <= metrics["rel"] <= 100.0 and metrics["bridge_loss"] == metrics["bridge_loss"]   # finite, not NaN
