@@ -8,12 +8,11 @@ from collections.abc import Sequence
 import torch
 
 from lit_modules.common import TrainableOnlyCheckpoint, warmup_cosine
-from mindbridge.bridge import (MemoryAugmentedLM, MemoryProjector, TrainingVocabulary, add_lora, answer_loss, distill_kl,
-                               encode_answer_tokens)
+from mindbridge.bridge import MemoryAugmentedLM, MemoryProjector, TrainingVocabulary, add_lora, answer_loss, distill_kl
 from mindbridge.encoder import MemoryEncoder
 from mindbridge.lm import (PromptKVStore, causal_logits, continuation_logits, has_native_bfloat16, lm_head_dtype_choice,
                            lm_head_in, resolve_lm_head_dtype, without_adapters)
-from mindbridge.tokenization import answer_batch, first_answer_tokens, teacher_forced_batch
+from mindbridge.tokenization import answer_batch, encode_answer_tokens, first_answer_tokens, teacher_forced_batch
 
 
 def later_answer_positions(answer_mask: torch.Tensor) -> torch.Tensor:
@@ -159,10 +158,9 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         least the one after the prompt)."""
         if edit_targets is None or len(edit_targets) != len(edit_prompts):
             raise ValueError("model.bridge.train_vocab_top_k needs the edit targets (one per edit prompt)")
-        answers = [None] * len(out_prompts) if out_answers is None else list(out_answers)
         n_out = max(1, self.hparams.kl_answer_tokens)
-        if n_out == 1:
-            answers = [None] * len(out_prompts)       # only the position after the prompt is scored
+        # With one scored position per prompt (the one after it) the answers add no positions.
+        answers = list(out_answers) if out_answers is not None and n_out > 1 else [None] * len(out_prompts)
         llm, tok, k = self.edited.llm, self.edited.tokenizer, int(self.hparams.train_vocab_top_k)
         edits = TrainingVocabulary.from_unedited_model(llm, tok, edit_prompts, list(edit_targets), k,
                                                        extra_answers=[*edit_targets, *old_targets])

@@ -18,7 +18,7 @@ from mindbridge.encoder import MemoryEncoder
 from mindbridge.lm import (causal_logits, first_token_index, insert_tokens, lm_head_only_at, soft_token_positions,
                            without_adapters)
 from mindbridge.pretraining import mlp
-from mindbridge.tokenization import TeacherForcedBatch, encode_target, prompt_batch, teacher_forced_batch
+from mindbridge.tokenization import TeacherForcedBatch, encode_answer_tokens, prompt_batch, teacher_forced_batch
 
 
 MEMORY_POSITIONS = ("prefix", "suffix", "before_last")
@@ -196,11 +196,6 @@ class TrainingVocabulary:
                 logits = causal_logits(model, ids, mask, keep=1)[:, -1]
                 found.append(logits.topk(k, dim=-1).indices.flatten().cpu())
         return cls(torch.cat([torch.as_tensor(f, dtype=torch.long) for f in found] or [torch.zeros(0)]), vocab_size)
-
-
-def encode_answer_tokens(tokenizer: PreTrainedTokenizerBase, answer: str | None) -> list[int]:
-    """An answer's tokens as the losses see them (`encode_target`); none for a missing answer."""
-    return encode_target(tokenizer, answer) if answer and answer.strip() else []
 
 
 def answer_loss(logits: torch.Tensor, batch: TeacherForcedBatch,

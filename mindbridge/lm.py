@@ -103,9 +103,10 @@ def lm_head_in(model: PreTrainedModel, weight: torch.Tensor | None, token_ids: t
         yield
         return
     full, own = head.forward, "forward" in vars(head)
-    bias = None if getattr(head, "bias", None) is None else head.bias.detach()
+    bias = getattr(head, "bias", None)
     if bias is not None:
-        bias = (bias if token_ids is None else bias[token_ids.to(bias.device)]).to(weight.dtype)
+        bias = bias.detach() if token_ids is None else bias.detach()[token_ids.to(bias.device)]
+        bias = bias.to(weight.dtype)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():

@@ -55,6 +55,11 @@ def encode_target(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
     return ids
 
 
+def encode_answer_tokens(tokenizer: PreTrainedTokenizerBase, answer: str | None) -> list[int]:
+    """An answer's tokens as the losses see them (`encode_target`); none for a missing answer."""
+    return encode_target(tokenizer, answer) if answer and answer.strip() else []
+
+
 def teacher_forced_batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
                          max_prompt_tokens: int = 256, max_target_tokens: int = 32) -> TeacherForcedBatch:
     """Tokenise prompt and target separately (so the boundary never merges) and left-pad."""
@@ -78,7 +83,7 @@ def answer_batch(tokenizer: PreTrainedTokenizerBase, answers: list[str | None],
                  max_tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer tokens right-aligned like `TeacherForcedBatch.target_ids` `(B, T)` and their mask;
     a missing or empty answer is a row of no tokens."""
-    rows = [encode_target(tokenizer, a)[:max_tokens] if a and a.strip() else [] for a in answers]
+    rows = [encode_answer_tokens(tokenizer, a)[:max_tokens] for a in answers]
     width = max((len(r) for r in rows), default=0)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)

@@ -499,7 +499,8 @@ def test_training_vocabulary_restricts_and_maps_positions() -> None:
 
 
 def test_training_vocabulary_from_the_unedited_model_holds_targets_and_top_tokens() -> None:
-    from mindbridge.bridge import TrainingVocabulary, encode_answer_tokens
+    from mindbridge.bridge import TrainingVocabulary
+    from mindbridge.tokenization import encode_answer_tokens
     llm, tok = _llm("llama")
     prompts, answers = ["The Eiffel Tower is in", "Name a colour:"], ["Paris, France", None]
     vocab = TrainingVocabulary.from_unedited_model(llm, tok, prompts, answers, top_k=3, extra_answers=["Rome"])
