@@ -16,7 +16,7 @@ from mindbridge.artifacts import ArtifactError
 from mindbridge.lm import causal_logits
 from mindbridge.loading import load_causal_lm
 from mindbridge.neuraldb import (PAPER_GAMMA, EditHParams, Fact, GatedFFNOut, NeuralDB, _PrefixKV, _Row,
-                                 best_match, calibrate_gamma, locate_ffn, normalize_rows, row_logits,
+                                 best_match, calibrate_gamma, fact_keys, locate_ffn, normalize_rows, row_logits,
                                  subject_last_token)
 from mindbridge.tokenization import _left_pad, encode_target, prompt_batch, teacher_forced_batch
 from tests.conftest import CONFIG_DIR
@@ -186,11 +186,21 @@ def test_cached_prefix_rows_match_the_full_forward(name):
         keep = 5
         got = row_logits(model, tok.pad_token_id, db.gate, _PrefixKV(model, [r.prefix for r in rows], tok.pad_token_id),
                          rows, [0, 1, 2], keep)
+        # Only some positions through the LM head: the same logits, row-major.
+        select = torch.zeros(3, keep, dtype=torch.bool)
+        select[0, -1] = True
+        select[1, -2:] = True
+        select[2, 1:4] = True
+        picked = row_logits(model, tok.pad_token_id, db.gate,
+                            _PrefixKV(model, [r.prefix for r in rows], tok.pad_token_id), rows, [0, 1, 2], keep,
+                            select=select)
     ids, mask = _left_pad([r.prefix + r.cont for r in rows], tok.pad_token_id)
     want = causal_logits(model, ids, mask, keep)
     for b, r in enumerate(rows):
         n = min(keep, len(r.cont))
         torch.testing.assert_close(got[b, keep - n:], want[b, keep - n:], atol=1e-5, rtol=1e-5)
+    assert picked.shape == (int(select.sum()), want.shape[-1])
+    torch.testing.assert_close(picked, got[select], atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- keys and residuals
@@ -206,6 +216,19 @@ def test_subject_last_token_is_case_insensitive_and_falls_back_to_the_last_token
     assert found and tok.decode(ids[:s + 1]).endswith("Where was Barack Obama")
     ids, s, found = subject_last_token(tok, "Where was he born?", "Barack Obama")
     assert not found and s == len(ids) - 1
+
+
+def test_fact_keys_mean_or_weight_the_bare_prompt():
+    bare, a, b = torch.tensor([3.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, 2.0])
+    t = torch.stack([bare, a, b])[None]                              # (1 fact, 3 templates, d)
+    torch.testing.assert_close(fact_keys(t, None), t.mean(1))
+    # w = 0.5: half the bare prompt's direction, half the prefixed keys' mean direction.
+    want = 0.5 * torch.tensor([1.0, 0, 0]) + 0.5 * normalize_rows(((a + b) / 2)[None])[0]
+    got = fact_keys(t, 0.5)
+    torch.testing.assert_close(normalize_rows(got)[0], normalize_rows(want[None])[0])
+    torch.testing.assert_close(got.norm(), t.mean(1).norm())          # the plain mean's norm
+    torch.testing.assert_close(normalize_rows(fact_keys(t, 1.0))[0], torch.tensor([1.0, 0, 0]))
+    torch.testing.assert_close(fact_keys(t[:, :1], 0.5), t[:, 0])       # no prefixes: the bare key
 
 
 def test_residuals_make_the_new_target_more_likely_and_keys_are_read_at_the_subject():
@@ -226,6 +249,22 @@ def test_residuals_make_the_new_target_more_likely_and_keys_are_read_at_the_subj
             torch.testing.assert_close(stored, key, atol=1e-5, rtol=1e-4)
         rates = db.fire_rates([f.prompt for f in FACTS], [0, 1])
         assert rates["own"] == 100.0
+
+
+@pytest.mark.parametrize("bare_weight", [None, 0.5])
+def test_stored_keys_combine_the_template_keys_as_configured(bare_weight):
+    hp = EditHParams(steps=1, num_prefixes=1, batch_size=2, bare_weight=bare_weight)
+    with attached("tiny_llama", hparams=hp) as db:
+        db.add(FACTS)
+        for row, fact in enumerate(FACTS):
+            per_template = []
+            for template in db.templates:
+                text = template.replace("{}", fact.prompt)
+                _, s, found = subject_last_token(db.tokenizer, text, fact.subject, start=template.index("{}"))
+                assert found
+                per_template.append(db.prompt_keys([text])[0][s])
+            want = fact_keys(torch.stack(per_template)[None], bare_weight)[0]
+            torch.testing.assert_close(db.gate.keys_hat[row], normalize_rows(want[None])[0], atol=1e-5, rtol=1e-4)
 
 
 def test_the_clamp_bounds_residuals_and_early_stopping_is_per_fact():
@@ -358,9 +397,9 @@ def test_stage_alone_reads_the_neuraldb_model_config(tiny_cfg):
     cfg = tiny_cfg("stage=neuraldb")
     assert list(cfg.stage.jobs) == ["neuraldb"] and cfg.model.name == "mindbridge"
     hp = neuraldb_config(cfg)
-    assert hp.name == "neuraldb" and hp.gamma is None and hp.layers.smollm2 == 8
+    assert hp.name == "neuraldb" and hp.gamma is None and hp.layers.smollm2 == 5
     model, _ = _model("tiny_llama")
-    assert resolve_layer(hp, "smollm2", model) == 8 and resolve_layer(hp, "tiny_llama", model) == 0
+    assert resolve_layer(hp, "smollm2", model) == 5 and resolve_layer(hp, "tiny_llama", model) == 0
     cfg = tiny_cfg("stage=neuraldb", "model=neuraldb", "model.layer=1")
     assert resolve_layer(neuraldb_config(cfg), "smollm2", model) == 1
 
