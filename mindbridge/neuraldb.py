@@ -548,20 +548,21 @@ def optimise_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, g
             if hook is not None:
                 hook.remove()
 
-        pos_row = select.nonzero()[:, 0]
+        pos_row = select.nonzero()[:, 0]                  # the row of each scored position
         is_kl = torch.tensor([r.template < 0 for r in batch_rows])
-        targets = torch.tensor([t for r in batch_rows for t in r.target], dtype=torch.long)
+        at_kl = is_kl[pos_row]
+        logp = logits.log_softmax(-1)                      # (N, V), once for both losses
         # NLL of the target, averaged over its tokens, then over the fact's templates.
-        rw_pos = (~is_kl[pos_row]).nonzero().squeeze(1)
-        logp = logits[rw_pos].log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        targets = torch.tensor([t for r in batch_rows for t in r.target], dtype=torch.long)
+        token_logp = logp[~at_kl].gather(-1, targets[:, None]).squeeze(-1)
         rw_rows = (~is_kl).nonzero().squeeze(1)
-        nll_row = -torch.zeros(len(batch_rows)).index_add(0, pos_row[rw_pos], logp)[rw_rows]
-        nll_row = nll_row / torch.tensor([len(batch_rows[i].target) for i in rw_rows.tolist()]).clamp_min(1)
+        lengths = torch.tensor([len(batch_rows[i].target) for i in rw_rows.tolist()]).clamp_min(1)
+        nll_row = -torch.zeros(len(batch_rows)).index_add(0, pos_row[~at_kl], token_logp)[rw_rows] / lengths
         nll = torch.zeros(bsz).index_add(0, fact_ix[rw_rows], nll_row)
         nll = nll / torch.zeros(bsz).index_add(0, fact_ix[rw_rows], torch.ones(len(rw_rows))).clamp_min(1)
         # KL(P_edited || P_unedited) on "{subject} is a" (its first step has δ = 0: the reference).
         kl_rows = is_kl.nonzero().squeeze(1)
-        kl_logp = logits[is_kl[pos_row]].log_softmax(-1)
+        kl_logp = logp[at_kl]
         kl_facts = fact_ix[kl_rows]
         if step == 0:
             kl_init = torch.zeros(bsz, kl_logp.shape[-1])
