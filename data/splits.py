@@ -29,6 +29,9 @@ class EditSplit:
     # (question, rephrase) of non-edited records about non-edited subjects: how rewording moves
     # a prompt, learnt from facts that are never evaluated (MindBridge's bridge jitter).
     paraphrase_pairs: tuple[tuple[str, str], ...] = ()
+    # (prompt template, rephrase template), "{}" where the subject was, of the same records: how a
+    # relation is worded otherwise, for methods that fill in an edit's own subject (NeuralDB).
+    rewording_templates: tuple[tuple[str, str], ...] = ()
 
 
 def _normalize(text: str) -> str:
@@ -118,6 +121,29 @@ def _paraphrase_pairs(non_edited: Iterable[EditRecord], forbidden: set[str],
     return pairs
 
 
+def subject_template(text: str, subject: str) -> str | None:
+    """`text` with its one occurrence of `subject` replaced by "{}" (None: absent, repeated, or braces)."""
+    if not subject or "{" in text or "}" in text or text.count(subject) != 1:
+        return None
+    return text.replace(subject, "{}")
+
+
+def _rewording_templates(non_edited: Iterable[EditRecord], forbidden: set[str],
+                         edited_subjects: set[str]) -> list[tuple[str, str]]:
+    """(prompt template, rephrase template) of non-edited records (none about an edited subject,
+    no evaluation prompt on either side), each pair once, in file order."""
+    pairs: dict[tuple[str, str], None] = {}
+    for rec in non_edited:
+        if _normalize(rec.subject) in edited_subjects or _normalize(rec.prompt) in forbidden:
+            continue
+        prompt = subject_template(rec.prompt, rec.subject)
+        for rephrase in rec.rephrase_prompts:
+            reworded = subject_template(rephrase, rec.subject)
+            if prompt and reworded and reworded != prompt and _normalize(rephrase) not in forbidden:
+                pairs[(prompt, reworded)] = None
+    return list(pairs)
+
+
 def make_split(
     records: Sequence[EditRecord],
     num_edits: int,
@@ -176,10 +202,11 @@ def split_with_edits(
         return parts[0]
     out_of_scope = list(dict.fromkeys(o for part in parts for o in part.out_of_scope))
     pairs = list(dict.fromkeys(p for part in parts for p in part.paraphrase_pairs))
+    rewordings = tuple(dict.fromkeys(t for part in parts for t in part.rewording_templates))
     random.Random(f"out_of_scope:{seed}").shuffle(out_of_scope)
     random.Random(f"paraphrase_pairs:{seed}").shuffle(pairs)
     return EditSplit(edits=tuple(edits), out_of_scope=tuple(out_of_scope), seed=seed,
-                     paraphrase_pairs=tuple(pairs))
+                     paraphrase_pairs=tuple(pairs), rewording_templates=rewordings)
 
 
 def _split(edits: tuple[EditRecord, ...], non_edited: Sequence[EditRecord], seed: int,
@@ -192,7 +219,8 @@ def _split(edits: tuple[EditRecord, ...], non_edited: Sequence[EditRecord], seed
     random.Random(f"paraphrase_pairs:{seed}").shuffle(pairs)
     if max_out_of_scope is not None:
         out_of_scope, pairs = out_of_scope[:max_out_of_scope], pairs[:max_out_of_scope]
-    return EditSplit(edits=edits, out_of_scope=tuple(out_of_scope), seed=seed, paraphrase_pairs=tuple(pairs))
+    return EditSplit(edits=edits, out_of_scope=tuple(out_of_scope), seed=seed, paraphrase_pairs=tuple(pairs),
+                     rewording_templates=tuple(_rewording_templates(non_edited, forbidden, subjects)))
 
 
 def split_stats(split: EditSplit) -> dict[str, int]:

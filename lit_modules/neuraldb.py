@@ -7,6 +7,7 @@ and records what was measured.
 from __future__ import annotations
 
 import copy
+import json
 import time
 import warnings
 from pathlib import Path
@@ -62,20 +63,31 @@ class NeuralDBModule(L.LightningModule):
     not a checkpoint, is the artifact.
     """
 
-    def __init__(self, db: NeuralDB, facts: list[Fact]):
+    def __init__(self, db: NeuralDB, facts: list[Fact], rewordings: dict[str, list[str]] | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.db, self.facts = db, facts      # NeuralDB is not an nn.Module: the LLM stays outside
+        self.rewordings = rewordings or {}
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         edit = batch["edit"]
-        report = self.db.add([self.facts[i] for i in edit["index"].tolist()])
+        report = self.db.add([self.facts[i] for i in edit["index"].tolist()], self.rewordings)
         self.log_dict({f"train/{k}": float(report[k]) for k in ("final_loss", "final_nll", "steps", "residual_norm")},
                       on_step=True, on_epoch=False, batch_size=len(edit["index"]))
         self.log("facts", float(len(self.db)), prog_bar=True, on_step=True, batch_size=1)
 
     def configure_optimizers(self):
         return None
+
+
+def rewordings_for(dm, facts: list[Fact], hp: EditHParams) -> dict[str, list[str]]:
+    """`hp.rewordings` other wordings of each edit's prompt, from the split's non-edited records."""
+    if hp.rewordings <= 0:
+        return {}
+    from data.rewordings import RewordingBank
+    bank = RewordingBank(dm.split.rewording_templates, dm.edits)
+    return {f.id: bank.for_prompt(f.subject, f.prompt, hp.rewordings, hp.rewording_min_similarity, str(dm.seed))
+            for f in facts}
 
 
 def _trainer(ctx, hp_batches: int, stage: str = "neuraldb") -> L.Trainer:
@@ -117,12 +129,17 @@ def neuraldb(ctx) -> None:
         start = time.perf_counter()
         templates = db.templates                     # generated once per model, counted as editing
         if not hp.get("database"):
+            rewordings = rewordings_for(dm, facts, edit_hp)
+            if rewordings:
+                (ctx.run_dir / "neuraldb_rewordings.json").write_text(
+                    json.dumps(rewordings, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+                ctx.metrics["rewordings_per_fact_mean"] = sum(map(len, rewordings.values())) / len(facts)
             L.seed_everything(cfg.seed, workers=True, verbose=False)
             dm.connect(None, batch_size=edit_hp.batch_size, out_batch_size=1)
             batches = -(-len(facts) // edit_hp.batch_size)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
-                _trainer(ctx, batches).fit(NeuralDBModule(db, facts), datamodule=dm)
+                _trainer(ctx, batches).fit(NeuralDBModule(db, facts, rewordings), datamodule=dm)
             edit_seconds = time.perf_counter() - start
         layer = db.layer
 

@@ -30,7 +30,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,6 +358,8 @@ class EditHParams:
     max_target_tokens: int = 32
     collision_cos: float = 0.95        # warn when two keys are this close (spec §8.6)
     bare_weight: float | None = None   # share of the bare prompt in the key (None: plain mean; `fact_keys`)
+    rewordings: int = 0                # other wordings of the prompt per fact in the target NLL (`RewordingBank`)
+    rewording_min_similarity: float = 0.5
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EditHParams":
@@ -390,7 +392,10 @@ class _Row:
     prefix: list[int]  # tokens before the subject's last token (their keys/values are cached)
     cont: list[int]    # subject's last token, rest of the prompt, target tokens
     target: list[int]  # empty for the KL row
-    template: int      # -1 for the KL row
+    template: int      # context template index; KL_ROW, or REWORDED_ROW (NLL only, no key)
+
+
+KL_ROW, REWORDED_ROW = -1, -2
 
 
 class _PrefixKV:
@@ -487,11 +492,13 @@ class BatchResult:
 
 def optimise_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gate: GatedFFNOut,
                    block: nn.Module, facts: Sequence[Fact], templates: Sequence[str],
-                   hp: EditHParams) -> BatchResult:
+                   hp: EditHParams, rewordings: Sequence[Sequence[str]] = ()) -> BatchResult:
     """Keys and residuals of a batch of facts, against the unedited model (gate off).
 
     One δ per fact, optimised together; a fact stops (and leaves the batch) once its loss is
     below `early_stop_loss`. The keys are read in the first step (δ does not change them).
+    `rewordings[b]`: other texts asking fact b's relation about its subject; each adds a row
+    to the target NLL (δ at its subject's last token, as the gate adds r there), not to the key.
     """
     rows: list[_Row] = []
     found = torch.ones(len(facts), dtype=torch.bool)
@@ -502,8 +509,12 @@ def optimise_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, g
             ids, s, ok = subject_last_token(tokenizer, text, fact.subject, start=template.index("{}"))
             found[b] &= ok
             rows.append(_Row(b, ids[:s], ids[s:] + target, target, t))
+        for text in (rewordings[b] if b < len(rewordings) else ()):
+            ids, s, ok = subject_last_token(tokenizer, text, fact.subject)
+            if ok:
+                rows.append(_Row(b, ids[:s], ids[s:] + target, target, REWORDED_ROW))
         ids, s, _ = subject_last_token(tokenizer, hp.kl_template.replace("{}", fact.subject), fact.subject)
-        rows.append(_Row(b, ids[:s], ids[s:], [], -1))
+        rows.append(_Row(b, ids[:s], ids[s:], [], KL_ROW))
     prefix_kv = _PrefixKV(model, [r.prefix for r in rows], tokenizer.pad_token_id)
 
     bsz, d1, d2 = len(facts), gate.keys_hat.shape[1], gate.residuals.shape[1]
@@ -536,10 +547,10 @@ def optimise_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, g
         keep = tmax + 1
         select = torch.zeros(len(batch_rows), keep, dtype=torch.bool)
         for n, r in enumerate(batch_rows):
-            if r.template >= 0:
-                select[n, keep - 1 - len(r.target):keep - 1] = True
-            else:
+            if r.template == KL_ROW:
                 select[n, keep - 1] = True
+            else:
+                select[n, keep - 1 - len(r.target):keep - 1] = True
         try:
             logits = row_logits(model, tokenizer.pad_token_id, gate, prefix_kv, rows, live, keep,
                                 delta[fact_ix], captured, select)   # (N, V), row-major over `select`
@@ -549,10 +560,10 @@ def optimise_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, g
                 hook.remove()
 
         pos_row = select.nonzero()[:, 0]                  # the row of each scored position
-        is_kl = torch.tensor([r.template < 0 for r in batch_rows])
+        is_kl = torch.tensor([r.template == KL_ROW for r in batch_rows])
         at_kl = is_kl[pos_row]
         logp = logits.log_softmax(-1)                      # (N, V), once for both losses
-        # NLL of the target, averaged over its tokens, then over the fact's templates.
+        # NLL of the target, averaged over its tokens, then over the fact's rows (templates, rewordings).
         targets = torch.tensor([t for r in batch_rows for t in r.target], dtype=torch.long)
         token_logp = logp[~at_kl].gather(-1, targets[:, None]).squeeze(-1)
         rw_rows = (~is_kl).nonzero().squeeze(1)
@@ -571,7 +582,7 @@ def optimise_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, g
             for n, r in enumerate(batch_rows):
                 if r.template >= 0:
                     template_keys[r.fact, r.template] = keys[n]
-                else:
+                elif r.template == KL_ROW:
                     subject_keys[r.fact] = keys[n]
             bare = [n for n, r in enumerate(batch_rows) if r.template == 0]
             h_norm[fact_ix[bare]] = captured["h"][bare].norm(dim=-1).clamp_min(1e-6)
@@ -735,14 +746,17 @@ class NeuralDB:
         return context_templates(self.prefixes)
 
     # ---- editing ------------------------------------------------------------------------------
-    def _compute(self, facts: Sequence[Fact]) -> dict[str, torch.Tensor]:
+    def _compute(self, facts: Sequence[Fact],
+                 rewordings: Mapping[str, Sequence[str]] | None = None) -> dict[str, torch.Tensor]:
         """Keys, residuals and per-fact statistics, in batches of `hparams.batch_size` facts."""
         parts: list[BatchResult] = []
         templates = self.templates
         bs = max(1, self.hparams.batch_size)
+        rewordings = rewordings or {}
         for s in range(0, len(facts), bs):
-            parts.append(optimise_batch(self.model, self.tokenizer, self.gate, self.block, facts[s:s + bs],
-                                        templates, self.hparams))
+            batch = facts[s:s + bs]
+            parts.append(optimise_batch(self.model, self.tokenizer, self.gate, self.block, batch,
+                                        templates, self.hparams, [rewordings.get(f.id, ()) for f in batch]))
         out = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(BatchResult)}
         out["steps"] = out["steps"].float()
         out["subject_found"] = out["subject_found"].float()
@@ -765,8 +779,12 @@ class NeuralDB:
                           "only the best match's residual is returned for them (same-subject facts).", stacklevel=3)
         return n
 
-    def add(self, facts: Sequence[Fact]) -> dict[str, float]:
-        """Compute keys and residuals for new facts (unedited model) and append them."""
+    def add(self, facts: Sequence[Fact], rewordings: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
+        """Compute keys and residuals for new facts (unedited model) and append them.
+
+        `rewordings[fact.id]`: other wordings of the fact's prompt for its residual's NLL
+        (see `optimise_batch`); none by default.
+        """
         facts = list(facts)
         if not facts:
             return {}
@@ -777,7 +795,7 @@ class NeuralDB:
                 raise ValueError(f"fact id {f.id!r} is already in the database; use modify() to change it.")
             seen.add(f.id)
         start = time.perf_counter()
-        res = self._compute(facts)
+        res = self._compute(facts, rewordings)
         g = self.gate
         keys_hat = normalize_rows(res["keys"]).to(g.keys_hat.dtype)
         self.collisions += self._check_collisions(keys_hat)
@@ -811,14 +829,15 @@ class NeuralDB:
         self.stats = {k: v[keep] for k, v in self.stats.items()}
         self.facts = [f for f, k in zip(self.facts, keep.tolist()) if k]
 
-    def modify(self, facts: Sequence[Fact]) -> dict[str, float]:
+    def modify(self, facts: Sequence[Fact],
+               rewordings: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
         """Replace stored facts (matched by id) with new content: key and residual recomputed."""
         facts = list(facts)
         if not facts:
             return {}
         rows = self._rows([f.id for f in facts])
         start = time.perf_counter()
-        res = self._compute(facts)
+        res = self._compute(facts, rewordings)
         g = self.gate
         keys_hat = normalize_rows(res["keys"]).to(g.keys_hat.dtype)
         exclude = torch.zeros(len(self.facts), dtype=torch.bool)

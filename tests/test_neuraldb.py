@@ -267,6 +267,30 @@ def test_stored_keys_combine_the_template_keys_as_configured(bare_weight):
             torch.testing.assert_close(db.gate.keys_hat[row], normalize_rows(want[None])[0], atol=1e-5, rtol=1e-4)
 
 
+def test_rewordings_join_the_target_nll_but_not_the_key():
+    """A reworded prompt adds one NLL row per fact (δ at its subject); the key stays the prompt's."""
+    hp = EditHParams(steps=1, num_prefixes=0, batch_size=2)
+    reworded = {"a": ["Tourists visiting the Eiffel Tower find themselves in"], "b": []}
+    with attached("tiny_llama", hparams=hp) as db:
+        db.add(FACTS)
+        plain_keys, plain_nll = db.gate.keys_hat.clone(), db.stats["final_nll"].clone()
+    with attached("tiny_llama", hparams=hp) as db:
+        db.add(FACTS, reworded)
+        torch.testing.assert_close(db.gate.keys_hat, plain_keys)
+        other = _target_nll(db.unedited, db.tokenizer, [Fact("a", "Eiffel Tower", reworded["a"][0], "Rome")])
+        # Step 0 has δ = 0: the fact's NLL is the mean over its rows (the prompt, the rewording).
+        torch.testing.assert_close(db.stats["final_nll"][0], (plain_nll[0] + other[0]) / 2, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(db.stats["final_nll"][1], plain_nll[1])
+    hp = EditHParams(steps=8, lr=0.5, num_prefixes=0, batch_size=2, clamp_norm_factor=100.0, weight_decay=0.0)
+    with attached("tiny_llama", hparams=hp) as db:
+        db.add(FACTS)
+        plain = db.gate.residuals.clone()
+    with attached("tiny_llama", hparams=hp) as db:
+        db.add(FACTS, reworded)
+        assert not torch.allclose(db.gate.residuals[0], plain[0])
+        torch.testing.assert_close(db.gate.residuals[1], plain[1])
+
+
 def test_the_clamp_bounds_residuals_and_early_stopping_is_per_fact():
     hp = EditHParams(steps=6, lr=5.0, num_prefixes=1, batch_size=2, clamp_norm_factor=0.5, weight_decay=0.0)
     with attached("tiny_gpt2", hparams=hp) as db:
