@@ -44,7 +44,7 @@ from transformers.activations import ACT2FN
 
 from mindbridge.artifacts import ArtifactError
 from mindbridge.atomic import write_dir_atomically
-from mindbridge.lm import PlainLM, causal_logits
+from mindbridge.lm import PlainLM, causal_logits, lm_head_only_at
 from mindbridge.loading import model_identity, tensors_fingerprint
 from mindbridge.neuraldb import (OUT_PROJECTIONS, Fact, FFNSite, StopForward, decoder_layers, generate_prefixes,
                                  locate_ffn)
@@ -62,15 +62,21 @@ class WISEHParams:
     """Hyperparameters (spec §5; defaults are the paper's / upstream's LLaMA-2 values)."""
 
     variant: str = "merge"            # "merge" (WISE-Merge) | "retrieve" (WISE-Retrieve)
-    lr: float = 1.0                   # SGD step size η
+    optimizer: str = "sgd"            # "sgd" (paper) | "adam"
+    lr: float = 1.0                   # step size η
+    adam_eps: float = 1e-8
     n_iter: int = 70                  # optimisation steps per batch of edits (upper bound)
     mask_ratio: float = 0.2           # ρ
     alpha: float = 5.0                # ceiling of Δ_act on irrelevant text
     beta: float = 20.0                # floor of Δ_act on edits
     gamma: float = 10.0               # required gap edit − irrelevant
+    margin_weight: float = 1.0        # weight of L_a in the edit loss (paper: 1)
+    clip_grad_norm: float | None = None   # clip the (masked) gradient of W_v' to this norm (paper: none)
     act_ratio: float = 0.88           # ε = act_ratio · min over edits of Δ_act
     act_space: str = "code"           # "code": ‖σ(aW')−σ(aW)‖ | "paper": ‖a(W'−W)‖
     reduction: str = "masked"         # "masked": mean over real tokens | "faithful": upstream's mean / max
+    train_gap_tokens: str = "all"     # edit tokens of the margin loss's Δ_act: "all" (prefix + prompt + target)
+                                      # | "prompt" (the edit prompt's own tokens, what the router sees)
     skip_first_token: bool = True     # masked: leave each row's first token (an attention sink) out of Δ_act
     norm_constraint: float | None = 1.0   # element-wise clamp of W' around W
     weight_decay: float = 1e-5
@@ -87,6 +93,8 @@ class WISEHParams:
     early_stop_loss: float = 0.02
     early_stop_delta: float = 1e-4
     max_target_tokens: int = 32
+    max_irrelevant_tokens: int = 256
+    bucket_slack: float = 0.2         # rows of one forward pad to ≥ (1 - slack) of their longest
     seed: int = 0                     # mask RNG
 
     @classmethod
@@ -108,6 +116,9 @@ class WISEHParams:
             raise ValueError(f"WISE mask_ratio and density must be in (0, 1] (got {self.mask_ratio}, {self.density}).")
         if self.save_freq < 1 or self.merge_freq < self.save_freq or self.merge_freq % self.save_freq:
             raise ValueError(f"WISE merge_freq ({self.merge_freq}) must be a multiple of save_freq ({self.save_freq}).")
+        if self.optimizer not in ("sgd", "adam") or self.train_gap_tokens not in ("all", "prompt"):
+            raise ValueError(f"WISE optimizer must be sgd|adam and train_gap_tokens all|prompt "
+                             f"(got {self.optimizer!r}, {self.train_gap_tokens!r}).")
         if self.batch_size < 1 or self.n_iter < 1:
             raise ValueError("WISE batch_size and n_iter must be at least 1.")
 
@@ -331,14 +342,19 @@ class BlockRunner:
                 h.remove()
         return captured["h"]
 
-    def logits(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keep: int,
+               select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the last `keep` positions `(B, keep, V)`; with `select` `(B, keep)` only
+        those positions', `(N, V)` in row-major order (`lm_head_only_at`)."""
         saved = [self.layers[i] for i in range(self.layer)]
         for i in range(self.layer):
             self.layers[i] = _Passthrough(self.tuple_len)
         hook = self._set_hidden(hidden)
         try:
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
-                              use_cache=False, logits_to_keep=keep).logits
+            with lm_head_only_at(self.model, select) if select is not None else contextlib.nullcontext():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
+                                    use_cache=False, logits_to_keep=keep).logits
+            return logits if select is None else logits[0]
         finally:
             hook.remove()
             for i, module in enumerate(saved):
@@ -389,16 +405,103 @@ def random_mask(shape: torch.Size, ratio: float, generator: torch.Generator) -> 
 # --------------------------------------------------------------------------- the editor
 
 
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, template: str, prompt: str,
+                  max_tokens: int = 256) -> tuple[list[int], int]:
+    """Token ids of `template` filled with `prompt`, and the index of the prompt's first token.
+
+    A random prefix is text the router will never see at inference; knowing where the edit
+    prompt itself starts lets the margin loss look at the tokens the router looks at. Found from
+    the character offsets (tokenizers without offsets: the whole row counts as the prompt).
+    """
+    text = template.replace("{}", prompt)
+    at = template.index("{}")
+    try:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        enc = None
+    if enc is None or "offset_mapping" not in enc:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][-max_tokens:]
+        return ids, 0
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    # The first token that ends inside the prompt (a token may carry the space before it).
+    start = next((k for k, (a, b) in enumerate(offsets) if b > at and b > a), len(ids))
+    cut = max(0, len(ids) - max_tokens)
+    return ids[cut:], max(0, start - cut)
+
+
+def length_buckets(lengths: Sequence[int], slack: float = 0.2) -> list[list[int]]:
+    """Indices grouped so that each group pads to its longest row with little waste.
+
+    Longest first; a row joins the open group while it is at least (1 - slack) times the
+    group's longest. A batch of edits mixes 10-token prefixed copies with bare prompts and long
+    irrelevant texts: padded to one width, two thirds of the computed tokens were padding.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] >= (1.0 - slack) * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+@dataclass
+class _Padded:
+    """Some rows of a batch of edits, left-padded to their longest."""
+
+    index: torch.Tensor          # (B,) row numbers in the batch
+    ids: torch.Tensor            # (B, L)
+    mask: torch.Tensor           # (B, L)
+    prompt_mask: torch.Tensor    # (B, L) the edit prompt's own tokens (no random prefix, no target)
+    target_ids: torch.Tensor     # (B, T) right-aligned, zeros for irrelevant rows
+    target_mask: torch.Tensor    # (B, T)
+    hidden: torch.Tensor | None = None   # (B, L, d) entering the side-memory layer
+
+
+@dataclass
+class _IrrelevantTokens:
+    """Irrelevant texts as the router sees them: the inputs of the wrapped module, token by token.
+
+    Nothing below the side memory depends on W_v', so these inputs are fixed while editing and
+    the margin loss on irrelevant text needs only the module's two outputs, not the layers
+    above it. The tokens of all texts are flattened, `(1, N, d_in)`.
+    """
+
+    x: torch.Tensor              # (1, N, d_in)
+    main: torch.Tensor           # (1, N, d_out) the main memory's output
+    text: torch.Tensor           # (N,) which text each token belongs to
+    count: int                   # number of texts
+
+
 @dataclass
 class _Rows:
     """Token rows of one batch of edits: every template of every edit, then the irrelevant texts."""
 
-    ids: torch.Tensor            # (R, L) left-padded
-    mask: torch.Tensor           # (R, L)
-    prompt_mask: torch.Tensor    # (R, L) prompt tokens only (prefix + prompt; no target)
-    target_ids: torch.Tensor     # (R, T) right-aligned, zeros for irrelevant rows
-    target_mask: torch.Tensor    # (R, T)
+    tokens: list[list[int]]      # prompt (+ target) ids per row
+    prompt_lengths: list[int]    # prefix + prompt
+    prompt_starts: list[int]     # where the edit prompt's own tokens start (after a random prefix)
+    target_lengths: list[int]
     edit_of_row: torch.Tensor    # (R,) edit index in the batch, -1 for irrelevant rows
+    template_of_row: torch.Tensor  # (R,) template index (0: the bare prompt), -1 for irrelevant rows
+    pad_id: int
+
+    def padded(self, index: Sequence[int]) -> _Padded:
+        seqs = [self.tokens[i] for i in index]
+        ids, mask = _left_pad(seqs, self.pad_id)
+        width, twidth = ids.shape[1], max(1, max(self.target_lengths[i] for i in index))
+        prompt_mask = mask.clone()
+        target_ids = torch.zeros(len(seqs), twidth, dtype=torch.long)
+        target_mask = torch.zeros(len(seqs), twidth, dtype=torch.bool)
+        for b, i in enumerate(index):
+            offset = width - len(seqs[b])
+            prompt_mask[b, :offset + self.prompt_starts[i]] = 0
+            prompt_mask[b, offset + self.prompt_lengths[i]:] = 0
+            t = self.target_lengths[i]
+            if t:
+                target_ids[b, twidth - t:] = torch.tensor(seqs[b][-t:])
+                target_mask[b, twidth - t:] = True
+        return _Padded(torch.tensor(list(index)), ids, mask, prompt_mask, target_ids, target_mask)
 
 
 class WISE:
@@ -433,6 +536,7 @@ class WISE:
         self.total_edits = 0
         self.merges = 0
         self.edit_log: list[dict[str, Any]] = []
+        self.trace: list[dict[str, float]] | None = None   # a list: per-step statistics of `edit` are appended
         self._sync_candidates()
 
     # ---- state -------------------------------------------------------------------------------
@@ -475,35 +579,56 @@ class WISE:
         return ["{}"] + [f"{p} {{}}" for p in self.prefixes]
 
     # ---- editing -----------------------------------------------------------------------------
-    def _rows(self, facts: Sequence[Fact], irrelevant: Sequence[str]) -> _Rows:
+    def _rows(self, facts: Sequence[Fact]) -> _Rows:
+        """Every template (bare prompt, random prefixes) of every edit, with its target."""
         tok, hp = self.tokenizer, self.hparams
-        seqs, targets, plens, owner = [], [], [], []
+        seqs, plens, starts, tlens, owner, template_of = [], [], [], [], [], []
         for e, fact in enumerate(facts):
             target = encode_target(tok, fact.target)[:hp.max_target_tokens]
-            for template in self.templates:
-                prompt = tok(template.replace("{}", fact.prompt), add_special_tokens=True)["input_ids"][-256:]
+            for j, template in enumerate(self.templates):
+                prompt, start = prompt_tokens(tok, template, fact.prompt)
                 seqs.append(prompt + target)
-                targets.append(target)
                 plens.append(len(prompt))
+                starts.append(start)
+                tlens.append(len(target))
                 owner.append(e)
-        for text in irrelevant:
-            ids = tok(text, add_special_tokens=True)["input_ids"][-256:]
-            seqs.append(ids)
-            targets.append([])
-            plens.append(len(ids))
-            owner.append(-1)
-        ids, mask = _left_pad(seqs, tok.pad_token_id)
-        prompt_mask = mask.clone()
-        for r, (s, p) in enumerate(zip(seqs, plens)):
-            prompt_mask[r, ids.shape[1] - len(s) + p:] = 0
-        width = max(1, max(len(t) for t in targets))
-        target_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        target_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-        for r, t in enumerate(targets):
-            if t:
-                target_ids[r, width - len(t):] = torch.tensor(t)
-                target_mask[r, width - len(t):] = True
-        return _Rows(ids, mask, prompt_mask, target_ids, target_mask, torch.tensor(owner))
+                template_of.append(j)
+        return _Rows(seqs, plens, starts, tlens, torch.tensor(owner), torch.tensor(template_of), tok.pad_token_id)
+
+    @torch.no_grad()
+    def _irrelevant_tokens(self, texts: Sequence[str]) -> _IrrelevantTokens:
+        """The wrapped module's inputs on `texts` (layers above it are not run) and its main output."""
+        tok, hp, w = self.tokenizer, self.hparams, self.wrapper
+        seqs = [tok(t, add_special_tokens=True)["input_ids"][-hp.max_irrelevant_tokens:] for t in texts]
+        xs, owners = [], []
+        captured: dict[str, torch.Tensor] = {}
+
+        def pre(module, args):
+            captured["x"] = args[0].detach()
+            raise StopForward
+        hook = w.inner.register_forward_pre_hook(pre)
+        try:
+            for group in length_buckets([len(q) for q in seqs], hp.bucket_slack):
+                ids, mask = _left_pad([seqs[i] for i in group], tok.pad_token_id)
+                try:
+                    self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask), use_cache=False)
+                except StopForward:
+                    pass
+                keep = without_first_token(mask) if hp.skip_first_token else mask
+                x = captured["x"].reshape(*mask.shape, -1)
+                xs.append(x[keep.bool()])
+                owners.append(torch.tensor(group)[:, None].expand_as(mask)[keep.bool()])
+        finally:
+            hook.remove()
+        x = torch.cat(xs)[None]
+        return _IrrelevantTokens(x, w._call(w.main_weights(), x, (), {}).detach(), torch.cat(owners), len(seqs))
+
+    def _irrelevant_gaps(self, irr: _IrrelevantTokens, side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Δ_act of each irrelevant text `(count,)`: the mean over its tokens."""
+        w = self.wrapper
+        gaps = token_gaps(irr.main, w._call(side, irr.x, (), {}), w.act, self.hparams.act_space)[0]
+        total = gaps.new_zeros(irr.count).index_add(0, irr.text, gaps)
+        return total / torch.bincount(irr.text, minlength=irr.count).clamp_min(1).to(gaps.dtype)
 
     def _margin_loss(self, d_in: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
         """L_a [P Eq. 5]; each hinge averaged over its positive entries (upstream)."""
@@ -529,66 +654,77 @@ class WISE:
             raise ValueError("WISE needs at least one irrelevant text per batch of edits (the margin loss).")
         hp, w = self.hparams, self.wrapper
         start = time.perf_counter()
-        rows = self._rows(facts, list(irrelevant))
-        hidden = self.runner.capture(rows.ids, rows.mask)
+        rows = self._rows(facts)
+        irr = self._irrelevant_tokens(list(irrelevant))
+        lengths = [len(t) for t in rows.tokens]
+        hidden: list[torch.Tensor] = [None] * len(lengths)         # per row: (len, d) entering the layer
+        for group in length_buckets(lengths, hp.bucket_slack):
+            batch = rows.padded(group)
+            h = self.runner.capture(batch.ids, batch.mask)
+            for b, i in enumerate(group):
+                hidden[i] = h[b, h.shape[1] - lengths[i]:]
         main = {n: t.detach() for n, t in w.main_weights().items()}
         side = {n: t.requires_grad_(True) for n, t in self.side.weights.items()}
         masks = self.masks
         hooks = [side[n].register_hook(lambda g, m=masks[n]: g * m) for n in side]
-        opt = torch.optim.SGD(list(side.values()), lr=hp.lr, weight_decay=hp.weight_decay if hp.code_faithful_wd else 0.0)
+        opt = self._optimizer(list(side.values()))
         n = len(facts)
+        owner_all = rows.edit_of_row
         done = torch.zeros(n, dtype=torch.bool)
         prev = torch.full((n,), math.inf)
         steps = torch.zeros(n, dtype=torch.long)
         final_loss, final_nll, act = torch.zeros(n), torch.zeros(n), torch.zeros(n)
-        irr_rows = (rows.edit_of_row < 0).nonzero().squeeze(1)
+        buckets, bucket_live = [], None
         try:
             for it in range(hp.n_iter):
-                live_rows = torch.cat([(~done[rows.edit_of_row.clamp_min(0)] & (rows.edit_of_row >= 0)).nonzero().squeeze(1),
-                                       irr_rows])
-                owner = rows.edit_of_row[live_rows]
-                width = int(rows.mask[live_rows].sum(1).max())
-                ids, mask = rows.ids[live_rows, -width:], rows.mask[live_rows, -width:]
-                keep = rows.target_ids.shape[1] + 1
-                w.editing = side
-                try:
-                    logits = self.runner.logits(hidden[live_rows, -width:], ids, mask, keep)
-                    main_out, side_out = w.recorded
-                finally:
-                    w.editing, w.recorded = None, None
-                gaps = token_gaps(main_out, side_out, w.act, hp.act_space)
-                content = without_first_token(mask) if hp.skip_first_token else mask
-                d_train = reduce_gaps(gaps, content, hp.reduction, inference=False)
-                is_edit = owner >= 0
-                tgt, tmask = rows.target_ids[live_rows][is_edit], rows.target_mask[live_rows][is_edit]
-                logp = logits[is_edit, :-1].float().log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
-                nll_row = -(logp * tmask).sum(1) / tmask.sum(1).clamp_min(1)
-                edit_owner = owner[is_edit]
-                d_out = d_train[~is_edit]
+                live = ~done[owner_all]
+                if bucket_live is None or not torch.equal(live, bucket_live):
+                    idx = live.nonzero().squeeze(1).tolist()
+                    buckets = [self._bucket(rows, [idx[k] for k in g], hidden)
+                               for g in length_buckets([lengths[i] for i in idx], hp.bucket_slack)]
+                    bucket_live = live
+                parts = [self._forward_rows(b, side) for b in buckets]
+                index = torch.cat([b.index for b in buckets])
+                d_in = torch.cat([p[0] for p in parts])
+                d_route = torch.cat([p[1] for p in parts])
+                nll_row = torch.cat([p[2] for p in parts])
+                owner = owner_all[index]
+                template = rows.template_of_row[index]
+                d_out = self._irrelevant_gaps(irr, side)
                 losses, nlls = {}, {}
-                for e in edit_owner.unique().tolist():
-                    mine = edit_owner == e
+                for e in owner.unique().tolist():
+                    mine = owner == e
                     nlls[e] = nll_row[mine].mean()
-                    losses[e] = nlls[e] + self._margin_loss(d_train[is_edit][mine], d_out)
-                with torch.no_grad():                   # router statistic: Δ_act on the prompts, as at inference
-                    prompt = rows.prompt_mask[live_rows, -width:]
-                    prompt = without_first_token(prompt) if hp.skip_first_token else prompt
-                    d_prompt = reduce_gaps(gaps, prompt, hp.reduction, inference=True)
+                    losses[e] = nlls[e] + hp.margin_weight * self._margin_loss(d_in[mine], d_out)
+                    # The bare prompt (template 0) is what the router will see.
+                    act[e] = float(d_route[mine & (template == 0)].mean())
                 finishing = []
                 for e, loss in losses.items():
                     value = float(loss.detach())
                     steps[e], final_loss[e], final_nll[e] = it, value, float(nlls[e].detach())
-                    act[e] = float(d_prompt[is_edit][edit_owner == e].mean())
                     stop = value <= hp.early_stop_loss and abs(value - float(prev[e])) <= hp.early_stop_delta
                     prev[e] = value
                     if stop:
                         finishing.append(e)
+                if self.trace is not None:
+                    d_in_, d_out_ = d_in.detach(), d_out.detach()
+                    self.trace.append({"step": it, "live": len(losses), "nll": float(nll_row.detach().mean()),
+                                       "loss": sum(float(v.detach()) for v in losses.values()) / len(losses),
+                                       "d_in": float(d_in_.mean()), "d_in_min": float(d_in_.min()),
+                                       "route_in_min": float(d_route[template == 0].min()),
+                                       "d_out": float(d_out_.mean()), "d_out_max": float(d_out_.max())})
                 done[finishing] = True
                 if bool(done.all()) or it == hp.n_iter - 1:
                     break
                 total = sum(loss for e, loss in losses.items() if e not in finishing)
                 opt.zero_grad()
                 total.backward()
+                grad_norm = torch.sqrt(sum((t.grad.float() ** 2).sum() for t in side.values()))
+                if hp.clip_grad_norm is not None and float(grad_norm) > hp.clip_grad_norm:
+                    for t in side.values():
+                        t.grad.mul_(hp.clip_grad_norm / float(grad_norm))
+                if self.trace is not None:
+                    self.trace[-1]["grad_norm"] = float(grad_norm)
                 opt.step()
                 with torch.no_grad():
                     for name, t in side.items():
@@ -617,6 +753,54 @@ class WISE:
         return {"edits": n, "seconds": seconds, "final_loss": float(final_loss.mean()),
                 "final_nll": float(final_nll.mean()), "steps": float(steps.float().mean()) + 1,
                 "act": float(act.mean()), "act_min": float(act.min())}
+
+    def _bucket(self, rows: _Rows, index: list[int], hidden: list[torch.Tensor]) -> _Padded:
+        """Rows of one forward pass: padded tokens and the cached hidden states entering the layer."""
+        batch = rows.padded(index)
+        width = batch.ids.shape[1]
+        h = hidden[index[0]].new_zeros(len(index), width, hidden[index[0]].shape[-1])
+        for b, i in enumerate(index):
+            h[b, width - hidden[i].shape[0]:] = hidden[i]
+        batch.hidden = h
+        return batch
+
+    def _forward_rows(self, batch: _Padded, side: dict[str, torch.Tensor]):
+        """One forward of some rows through the layers from the side memory up, with W_v'.
+
+        Returns per row: Δ_act for the margin loss, Δ_act on the prompt (the router's view,
+        no gradient) and the target NLL (0 for irrelevant rows). The LM head runs only where the
+        NLL needs it: the positions that predict an edit's target tokens.
+        """
+        hp, w = self.hparams, self.wrapper
+        keep = batch.target_ids.shape[1] + 1
+        select = torch.cat([batch.target_mask, torch.zeros(len(batch.index), 1, dtype=torch.bool)], dim=1)
+        w.editing = side
+        try:
+            logits = self.runner.logits(batch.hidden, batch.ids, batch.mask, keep, select)   # (N, V)
+            main_out, side_out = w.recorded
+        finally:
+            w.editing, w.recorded = None, None
+        gaps = token_gaps(main_out, side_out, w.act, hp.act_space)
+        route_tokens = without_first_token(batch.prompt_mask) if hp.skip_first_token else batch.prompt_mask
+        gap_tokens = route_tokens if hp.train_gap_tokens == "prompt" else (
+            without_first_token(batch.mask) if hp.skip_first_token else batch.mask)
+        d_train = reduce_gaps(gaps, gap_tokens, hp.reduction, inference=False)
+        with torch.no_grad():
+            d_route = reduce_gaps(gaps, route_tokens, hp.reduction, inference=True)
+        tmask = batch.target_mask
+        nll = torch.zeros(len(batch.index))
+        if bool(tmask.any()):
+            logp = logits.float().log_softmax(-1).gather(-1, batch.target_ids[tmask][:, None]).squeeze(-1)
+            row_of_token = torch.arange(len(batch.index))[:, None].expand_as(tmask)[tmask]
+            nll = nll.index_add(0, row_of_token, -logp) / tmask.sum(1).clamp_min(1)
+        return d_train, d_route, nll
+
+    def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        hp = self.hparams
+        decay = hp.weight_decay if hp.code_faithful_wd else 0.0
+        if hp.optimizer == "adam":
+            return torch.optim.Adam(params, lr=hp.lr, eps=hp.adam_eps, weight_decay=decay)
+        return torch.optim.SGD(params, lr=hp.lr, weight_decay=decay)
 
     def commit(self) -> dict[str, bool]:
         """After a batch: store a full shard and start a new one; merge when it is time (spec §4)."""

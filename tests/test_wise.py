@@ -16,8 +16,8 @@ from mindbridge.lm import causal_logits
 from mindbridge.loading import load_causal_lm
 from mindbridge.neuraldb import Fact
 from mindbridge.tokenization import prompt_batch, teacher_forced_batch
-from mindbridge.wise import (WISE, BlockRunner, Memory, WISEHParams, WISELayer, random_mask, reduce_gaps, ties_merge,
-                             trim_magnitude, without_first_token)
+from mindbridge.wise import (WISE, BlockRunner, Memory, WISEHParams, WISELayer, length_buckets, prompt_tokens,
+                             random_mask, reduce_gaps, ties_merge, trim_magnitude, without_first_token)
 from tests.conftest import CONFIG_DIR
 
 SHARED_KEYS = {"rel", "gen", "loc", "avg", "pre_rel", "pre_gen", "rel_em", "gen_em", "loc_em", "method", "llm",
@@ -317,6 +317,39 @@ def test_batched_edits_have_their_own_losses_and_early_stopping():
         wise.edit(FACTS, IRRELEVANT)
         assert wise.side.edits == 3 and all(e["steps"] == 6 for e in wise.edit_log)
         assert (_target_nll(wise, tok, FACTS) < before).all()
+
+
+def test_length_buckets_cover_every_row_once_within_the_slack():
+    lengths = [30, 9, 10, 28, 3, 31, 12, 25]
+    groups = length_buckets(lengths, slack=0.2)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        longest = lengths[g[0]]
+        assert all(0.8 * longest <= lengths[i] <= longest for i in g)
+    assert length_buckets(lengths, slack=1.0) == [sorted(range(8), key=lambda i: -lengths[i])]
+
+
+def test_prompt_tokens_locate_the_edit_prompt_after_a_random_prefix():
+    _, tok = _load("tiny_llama")
+    prompt = "Where was Barack Obama born?"
+    bare, start = prompt_tokens(tok, "{}", prompt)
+    assert tok.decode(bare[start:]).strip() == prompt
+    ids, start = prompt_tokens(tok, "Once upon a time {}", prompt)
+    assert tok.decode(ids[start:]).strip() == prompt and tok.decode(ids[:start]).strip().endswith("time")
+    ids, start = prompt_tokens(tok, "Once upon a time {}", prompt, max_tokens=4)    # cut from the left
+    assert len(ids) == 4 and start == 0
+
+
+def test_length_bucketing_does_not_change_the_edit():
+    """Rows grouped by length (less padding) train the same side memory as one padded batch."""
+    reports, weights = [], []
+    for slack in (0.0, 1.0):
+        with attached("tiny_llama", batch_size=3, n_iter=4, mask_ratio=1.0, bucket_slack=slack) as wise:
+            reports.append(wise.edit(FACTS, IRRELEVANT))
+            weights.append({n: t.detach().clone() for n, t in wise.side.weights.items()})
+    assert reports[0]["final_loss"] == pytest.approx(reports[1]["final_loss"], rel=1e-4)
+    for n in weights[0]:
+        torch.testing.assert_close(weights[0][n], weights[1][n], atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- shards, merge, retrieve
