@@ -11,6 +11,7 @@ import copy
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -166,9 +167,33 @@ def _text_llm_only(cfg: DictConfig) -> None:
         raise ValueError(f"llm={cfg.llm.name} is a vision-language model; run it with stage=unike_mm.")
 
 
+@dataclass
+class CalibrationSets:
+    """Never-evaluated prompts for the knowledge-weight ramp (`UniKE.calibrate_weights`):
+    pseudo-edits with another wording of each, and unrelated prompts."""
+
+    pseudo_edits: list[Request]
+    rewordings: list[Request]
+    unrelated: list[Request]
+
+
+def text_calibration_sets(dm, pool_prompts: set[str], hp: DictConfig) -> CalibrationSets:
+    """From the split's non-edited records: pseudo-edits are (question, its answer) of the
+    paraphrase pairs, reworded by the pair's rephrase; unrelated prompts are out-of-scope prompts.
+    Neither is in the knowledge pool (a stored question would retrieve itself)."""
+    answers = {o.prompt: o.answer for o in dm.out_of_scope if o.answer and o.answer.strip()}
+    pairs = [(q, r) for q, r in dm.paraphrase_pairs if q in answers and q not in pool_prompts]
+    pairs = pairs[:int(hp.calibration_pairs)]
+    used = {q for q, _ in pairs}
+    unrelated = [Request(o.prompt, "") for o in dm.out_of_scope if o.prompt not in pool_prompts and o.prompt not in used]
+    return CalibrationSets([Request(q, answers[q]) for q, _ in pairs], [Request(r, "") for _, r in pairs],
+                           unrelated[:int(hp.calibration_prompts)])
+
+
 def prepare(ctx, editor: UniKE, hp: DictConfig, pairs: list[tuple[str, str]], memory: list[Request],
-            encoders: bool, triples: list[Request] | None = None) -> dict:
-    """Offline parts: knowledge pool (wrong answers generated unless given), encoders, memory queries."""
+            encoders: bool, triples: list[Request] | None = None, calibration=None) -> dict:
+    """Offline parts: knowledge pool (wrong answers generated unless given), encoders, the
+    knowledge-weight calibration (`calibration(pool prompts) -> CalibrationSets`), memory queries."""
     start = time.perf_counter()
     info: dict = {}
     if triples is None:
@@ -179,6 +204,9 @@ def prepare(ctx, editor: UniKE, hp: DictConfig, pairs: list[tuple[str, str]], me
     info.update(pool.stats, pool_seconds=time.perf_counter() - start)
     if encoders:                       # only the full method uses them
         info.update(train_encoders(ctx, editor, pool, hp))
+        if hp.weight_calibration == "out_of_scope" and calibration is not None:
+            sets = calibration({t.prompt for t in triples})
+            info.update(editor.calibrate_weights(sets.pseudo_edits, sets.rewordings, sets.unrelated))
     info["memory_queries"] = editor.set_memory_queries(memory[:int(hp.memory_prompts)])
     info["offline_seconds"] = time.perf_counter() - start
     return info
@@ -230,6 +258,7 @@ def diagnostics(editor: UniKE, records, edit_id: dict[int, int], limit: int = 50
             continue
         p = editor.probe([q for q, _ in items], [o for _, o in items])
         out[f"knowledge_weight_{kind}_pct"] = p["w_mean"]
+        out[f"knowledge_weight_on_{kind}_pct"] = p["w_on_pct"]
         out[f"extra_neurons_fire_{kind}_pct"] = p["fire_pct"]
     out["retrieval_recall_gen_pct"] = editor.retrieval_recall([q for q, _ in gen], [o for _, o in gen])
     return out
@@ -244,8 +273,21 @@ def _text_setup(ctx):
     out = [o for o in dm.out_of_scope]
     pairs = [(o.prompt, o.answer) for o in out if o.answer and o.answer.strip()]
     memory = [Request(o.prompt, "") for o in out]
-    requests = [Request(r.prompt, r.target_new) for r in dm.edits]
+    reworded = rewordings_for(dm, hp)
+    requests = [Request(r.prompt, r.target_new, rewordings=tuple(words)) for r, words in zip(dm.edits, reworded)]
     return hp, llm, tok, dm, pairs, memory, requests
+
+
+def rewordings_for(dm, hp: DictConfig) -> list[list[str]]:
+    """`hp.rewordings_per_edit` other wordings of each edit's prompt, from the split's non-edited
+    records (never an evaluation prompt; `data.rewordings.RewordingBank`)."""
+    count = int(hp.rewordings_per_edit)
+    if count <= 0:
+        return [[] for _ in dm.edits]
+    from data.rewordings import RewordingBank
+    bank = RewordingBank(getattr(dm.split, "rewording_templates", ()), dm.edits)
+    return [bank.for_prompt(r.subject, r.prompt, count, float(hp.rewording_min_similarity), str(dm.seed))
+            for r in dm.edits]
 
 
 def _run_mode(ctx, editor: UniKE, hp: DictConfig, dm, requests) -> dict:
@@ -270,7 +312,8 @@ def unike(ctx) -> None:
     editor = UniKE(llm, tok, hparams_from(hp))
     try:
         ctx.metrics.update({"method": "unike", "encoder": "none", **editor.describe()})
-        info = prepare(ctx, editor, hp, pairs, memory, encoders=hp.mode == "full")
+        info = prepare(ctx, editor, hp, pairs, memory, encoders=hp.mode == "full",
+                       calibration=lambda pool: text_calibration_sets(dm, pool, hp))
         m = _run_mode(ctx, editor, hp, dm, requests)
         ctx.metrics.update({**info, **m, "train_seconds": info["offline_seconds"] + m["edit_seconds"]})
     finally:
@@ -279,6 +322,7 @@ def unike(ctx) -> None:
 
 ABLATION_KEYS = ("rel", "gen", "loc", "avg", "rel_em", "gen_em", "loc_em", "edit_seconds", "eval_seconds",
                  "knowledge_weight_rel_pct", "knowledge_weight_gen_pct", "knowledge_weight_loc_pct",
+                 "knowledge_weight_on_gen_pct", "knowledge_weight_on_loc_pct",
                  "extra_neurons_fire_rel_pct", "extra_neurons_fire_gen_pct", "extra_neurons_fire_loc_pct")
 
 
@@ -294,7 +338,10 @@ def unike_ablation(ctx) -> None:
         unknown = [r for r in rows_wanted if r not in ABLATIONS]
         if unknown:
             raise ValueError(f"Unknown UniKE ablation rows {unknown}; choose from {', '.join(ABLATIONS)}.")
-        info = prepare(ctx, editor, hp, pairs, memory, encoders="full" in rows_wanted)
+        if "full" in rows_wanted:
+            editor.set_mode("full")            # calibrates the adaptive weight the full row uses
+        info = prepare(ctx, editor, hp, pairs, memory, encoders="full" in rows_wanted,
+                       calibration=lambda pool: text_calibration_sets(dm, pool, hp))
         ctx.metrics.update(info)
         for mode in rows_wanted:
             editor.set_mode(mode)
@@ -342,8 +389,8 @@ def ablation_markdown(rows: list[dict], protocol: str) -> str:
 def unike_mm(ctx) -> None:
     """UniKE on a BLIP-2 model with MMEdit: Rel / T-Gen / M-Gen / T-Loc / M-Loc (spec §9)."""
     from data.mmedit import read_mmedit, split_mmedit
-    from mindbridge.unike_mm import (ImageFeatures, edit_requests, load_vision_lm, memory_requests,
-                                     score_mm)
+    from mindbridge.unike_mm import (ImageFeatures, calibration_requests, edit_requests, load_vision_lm,
+                                     memory_requests, score_mm)
     cfg = ctx.cfg
     c, mm = cfg.llm, cfg.stage.mmedit
     if c.get("kind", "text") != "vision_language":
@@ -356,14 +403,17 @@ def unike_mm(ctx) -> None:
                               random_config=OmegaConf.to_container(c.random_config, resolve=True)
                               if c.random_config else None)
     features = ImageFeatures(vlm, mm.image_root)
+    requests = edit_requests(features, edits)     # every missing image is reported before any training
+    pool = [r for r in edit_requests(features, rest[:int(mm.max_pool)]) if r.wrong]
+    memory = memory_requests(features, rest[:int(hp.memory_prompts)])
+    # Calibration records: non-edited ones after the pool's (never evaluated, not in the pool).
+    held_out = rest[int(mm.max_pool):int(mm.max_pool) + int(hp.calibration_pairs)]
     editor = UniKE(vlm.language_model, tok, hparams_from(hp))
     try:
         ctx.metrics.update({"method": "unike", "encoder": "none", "llm": c.name, "dataset": f"mmedit_{mm.task}",
                             "num_edits": len(edits), "data_seed": int(mm.seed), **editor.describe()})
-        requests = edit_requests(features, edits)     # every missing image is reported before any training
-        pool = [r for r in edit_requests(features, rest[:int(mm.max_pool)]) if r.wrong]
-        memory = memory_requests(features, rest[:int(hp.memory_prompts)])
-        info = prepare(ctx, editor, hp, [], memory, encoders=hp.mode == "full", triples=pool)
+        info = prepare(ctx, editor, hp, [], memory, encoders=hp.mode == "full", triples=pool,
+                       calibration=lambda _: CalibrationSets(*calibration_requests(features, held_out)))
         sequential = bool(hp.sequential)
         module = UniKEEditorModule(editor, requests, sequential)
         loader = DataLoader(_Indices(len(requests)), batch_size=int(hp.batch_size), collate_fn=_Indices.as_edits)

@@ -1,12 +1,14 @@
 """UniKE: intrinsic key-value neurons + latent in-context knowledge, disentangled (specs/unike.md).
 
-Plain torch + transformers. `UniKE` attaches to the last layers of a causal LM (or the language
-model of a vision-language model, with image features as a soft-token prefix) and offers:
+Plain torch + transformers. `UniKE` attaches to layers of a causal LM (or the language model of
+a vision-language model, with image features as a soft-token prefix): extra neurons in the FFN
+of the intrinsic layers, a knowledge memory in the self-attention of the latent layers. It offers:
 
-* `build_pool(triplets)`: the external knowledge memory M_ext = {(h_sem, h_pos)} per layer from
-  (question, true answer, wrong answer) triples, plus h_neg for the encoders (spec §4 Offline A);
+* `build_pool(triplets)`: the external knowledge memory M_ext = {(h_sem, h_pos)} per latent layer
+  from (question, true answer, wrong answer) triples, plus h_neg for the encoders (spec §4 Offline A);
 * `DisentanglingEncoders` (Enc^Sem, Enc^Tru, the two contrastive losses) and `set_encoders`,
   which fixes ζ and fits W_ζ by least squares (spec §4 Offline B, §8.8);
+* `calibrate_weights(...)`: the adaptive knowledge weight's ramp, from records never evaluated;
 * `edit(requests)`: inserts the edits into M_ext and trains 10 new neurons per layer per edit
   with T-Patcher's losses (edit NLL, activation on the edit, silence on memory queries), a batch
   of edits at a time, each row using only its own edit's neurons and memory entries;
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
@@ -26,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mindbridge.lm import causal_logits, first_token_index, insert_tokens
+from mindbridge.lm import causal_logits, first_token_index, insert_tokens, lm_head_only_at
 from mindbridge.neuraldb import decoder_layers
-from mindbridge.tokenization import encode_target, position_ids_for, prompt_batch, teacher_forced_batch
-from mindbridge.unike_modules import POOL_OWNER, UniKELayer, UniKEState, attach_layer, detach_layer
+from mindbridge.tokenization import encode_target, prompt_batch, teacher_forced_batch
+from mindbridge.unike_modules import POOL_OWNER, UniKELayer, UniKEState, attach_layer, detach_layer, pad_tokens
 
 ABLATIONS = {            # the paper's Table 4 rows: (intrinsic, latent, disentangle)
     "intrinsic": (True, False, False),
@@ -39,12 +42,27 @@ ABLATIONS = {            # the paper's Table 4 rows: (intrinsic, latent, disenta
 }
 
 
+# Which rows train the extra neurons when the latent path is on: the edit as the paper has it
+# (latent knowledge active), with the latent path off (the neurons alone must hold the edit, as
+# wherever w is 0), or both rows.
+NEURON_TRAINING = ("with_latent", "without_latent", "both")
+
+
 @dataclass
 class UniKEHParams:
     """UniKE's hyperparameters (configs/model/unike.yaml documents each)."""
 
     num_layers: int = 4
     layers: list[int] | None = None
+    latent_layers: list[int] | None = None
+    knowledge_tokens: str = "last"
+    query_state: str = "last"
+    similarity: str = "mixture"
+    max_knowledge_tokens: int = 8
+    weight_calibration: str = "none"
+    calibration_quantile: float = 0.95
+    calibration_pairs: int = 64
+    calibration_prompts: int = 200
     neurons_per_edit: int = 10
     top_k: int = 40
     mode: str = "full"
@@ -64,6 +82,11 @@ class UniKEHParams:
     top_act: int = 5
     top_mem: int = 1000
     memory_fire_tolerance: float = 0.01
+    rewordings_per_edit: int = 0
+    rewording_min_similarity: float = 0.5
+    neuron_training: str = "with_latent"
+    rewording_weight: float = 1.0
+    upper_layers_only: bool = True
     batch_size: int = 8
     max_target_tokens: int = 32
     memory_prompts: int = 200
@@ -75,6 +98,16 @@ class UniKEHParams:
             raise ValueError(f"Unknown UniKE mode {self.mode!r}; choose from {', '.join(ABLATIONS)}.")
         if self.alpha_semantics not in ("prose", "equation"):
             raise ValueError(f"alpha_semantics must be 'prose' or 'equation', not {self.alpha_semantics!r}.")
+        if self.neuron_training not in NEURON_TRAINING:
+            raise ValueError(f"neuron_training must be one of {', '.join(NEURON_TRAINING)}, not {self.neuron_training!r}.")
+        if self.knowledge_tokens not in ("last", "answer"):
+            raise ValueError(f"knowledge_tokens must be 'last' or 'answer', not {self.knowledge_tokens!r}.")
+        if self.query_state not in ("last", "mean"):
+            raise ValueError(f"query_state must be 'last' or 'mean', not {self.query_state!r}.")
+        if self.similarity not in ("mixture", "entry", "retrieval"):
+            raise ValueError(f"similarity must be 'mixture', 'entry' or 'retrieval', not {self.similarity!r}.")
+        if self.weight_calibration not in ("none", "out_of_scope"):
+            raise ValueError(f"weight_calibration must be 'none' or 'out_of_scope', not {self.weight_calibration!r}.")
 
     @classmethod
     def from_dict(cls, d: dict) -> "UniKEHParams":
@@ -84,21 +117,39 @@ class UniKEHParams:
 
 @dataclass
 class Request:
-    """One edit or knowledge triple; `prefix` `(P, d)` are soft tokens before the text (image features)."""
+    """One edit or knowledge triple; `prefix` `(P, d)` are soft tokens before the text (image
+    features); `rewordings` are other wordings of an edit's prompt it is also trained on."""
 
     prompt: str
     target: str
     wrong: str | None = None
     prefix: torch.Tensor | None = None
+    rewordings: tuple[str, ...] = ()
+
+
+@dataclass
+class KnowledgeStates:
+    """Per wrapped layer, states of (question, answer) pairs under the unedited model (normed
+    attention inputs, spec §8.5): h_sem `(B, d)` at the last question token, the knowledge states
+    `(B, T, d)` of the answer (its first T tokens, or only the last one) with `mask` `(B, T)`,
+    and their mean `(B, d)` (what the encoders and ζ read)."""
+
+    h_sem: list[torch.Tensor]
+    tokens: list[torch.Tensor]
+    mask: torch.Tensor
+    mean: list[torch.Tensor]
 
 
 @dataclass
 class KnowledgePool:
-    """Per edited layer: h_sem, h_pos, h_neg `(N, d)` (normed attention inputs, spec §8.5)."""
+    """Per wrapped layer: h_sem, h_pos, h_neg `(N, d)` (h_pos, h_neg: the mean knowledge state),
+    and the knowledge states `tokens` `(N, T, d)` / `token_mask` `(N, T)` M_ext holds."""
 
     h_sem: list[torch.Tensor]
     h_pos: list[torch.Tensor]
     h_neg: list[torch.Tensor]
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    token_mask: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -176,22 +227,32 @@ class DisentanglingEncoders(nn.Module):
 
 
 class UniKE:
-    """UniKE on the last `num_layers` decoder layers of `model` (a causal LM)."""
+    """UniKE on decoder layers of `model` (a causal LM): extra neurons in the FFN of the intrinsic
+    layers (`layers`, default the last `num_layers`), latent knowledge in the self-attention of
+    the latent layers (`latent_layers`, default the same ones, as in the paper)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hparams: UniKEHParams):
         self.model, self.tokenizer, self.hp = model, tokenizer, hparams
         self.state = UniKEState(fixed_weight=hparams.fixed_weight, alpha_semantics=hparams.alpha_semantics,
-                                top_k=hparams.top_k)
+                                top_k=hparams.top_k, query_state=hparams.query_state, similarity=hparams.similarity)
         self.set_mode(hparams.mode)
         n = len(decoder_layers(model)[1])
-        idx = list(hparams.layers) if hparams.layers is not None else list(range(max(0, n - hparams.num_layers), n))
-        bad = [i for i in idx if not 0 <= i < n]
+        intrinsic = _layer_list(hparams.layers, n) if hparams.layers is not None else \
+            list(range(max(0, n - hparams.num_layers), n))
+        bad = [i for i in intrinsic if not 0 <= i < n]
         if bad:
-            raise ValueError(f"UniKE layers {bad} are out of range: {type(model).__name__} has {n} layers.")
+            raise ValueError(f"UniKE model.layers {bad} are out of range: {type(model).__name__} has {n} layers.")
+        latent = intrinsic if hparams.latent_layers is None else _layer_list(hparams.latent_layers, n)
+        if any(not 0 <= i < n for i in latent):
+            # A model too shallow for the configured band (e.g. 2-layer test models): the paper's choice.
+            warnings.warn(f"UniKE latent_layers {list(hparams.latent_layers)} do not exist in a {n}-layer "
+                          f"{type(model).__name__}; the latent path uses the intrinsic layers {intrinsic}.")
+            latent = intrinsic
         self.layers: list[UniKELayer] = []
         try:
-            for i in idx:
-                self.layers.append(attach_layer(model, i, self.state, hparams.activation))
+            for i in sorted(set(intrinsic) | set(latent)):
+                self.layers.append(attach_layer(model, i, self.state, hparams.activation, latent=i in latent,
+                                                intrinsic=i in intrinsic))
         except Exception:
             self.remove()
             raise
@@ -216,6 +277,16 @@ class UniKE:
     def layer_indices(self) -> list[int]:
         return [layer.index for layer in self.layers]
 
+    @property
+    def ffn_layers(self) -> list[UniKELayer]:
+        """The intrinsic layers (extra neurons)."""
+        return [layer for layer in self.layers if layer.ffn is not None]
+
+    @property
+    def latent_layers(self) -> list[UniKELayer]:
+        """The layers whose self-attention reads the knowledge memory."""
+        return [layer for layer in self.layers if layer.latent]
+
     def remove(self) -> None:
         """Put the model's own modules back (later jobs get the unedited LLM)."""
         for layer in reversed(self.layers):
@@ -228,19 +299,20 @@ class UniKE:
 
     @contextlib.contextmanager
     def configured(self, intrinsic: bool | None = None, latent: bool | None = None, recording: bool = False,
-                   answer_lengths: torch.Tensor | None = None, active: torch.Tensor | None | str = "keep"):
+                   answer_lengths: torch.Tensor | None = None, active: torch.Tensor | None | str = "keep",
+                   latent_rows: torch.Tensor | None = None):
         st = self.state
-        saved = (st.intrinsic, st.latent, st.recording, st.answer_lengths, st.active)
+        saved = (st.intrinsic, st.latent, st.recording, st.answer_lengths, st.active, st.latent_rows)
         st.intrinsic = st.intrinsic if intrinsic is None else intrinsic
         st.latent = st.latent if latent is None else latent
-        st.recording, st.answer_lengths = recording, answer_lengths
+        st.recording, st.answer_lengths, st.latent_rows = recording, answer_lengths, latent_rows
         if not isinstance(active, str):
             st.active = active
         self._reset_caches()
         try:
             yield st
         finally:
-            st.intrinsic, st.latent, st.recording, st.answer_lengths, st.active = saved
+            st.intrinsic, st.latent, st.recording, st.answer_lengths, st.active, st.latent_rows = saved
             self._reset_caches()
 
     @contextlib.contextmanager
@@ -262,7 +334,12 @@ class UniKE:
 
     # ---- forward passes -------------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, keep, prefix=None):
-        return causal_logits(self.model, input_ids, attention_mask, keep, memory=prefix)
+        # The prefix goes before each row's first token, which stays where the prompt starts.
+        self.state.first_positions = first_token_index(attention_mask)
+        try:
+            return causal_logits(self.model, input_ids, attention_mask, keep, memory=prefix)
+        finally:
+            self.state.first_positions = None
 
     @torch.no_grad()
     def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None, prefix=None):
@@ -283,22 +360,37 @@ class UniKE:
         return torch.stack([r.prefix for r in requests])
 
     @torch.no_grad()
-    def hidden_states(self, requests: Sequence[Request], answers: Sequence[str]) -> tuple[list, list]:
-        """Per layer `(B, d)`: the normed attention input at the last prompt token and at the last
-        answer token, from the unedited model."""
+    def knowledge_states(self, requests: Sequence[Request], answers: Sequence[str]) -> KnowledgeStates:
+        """The states of `prompt + answer` on every wrapped layer, from the unedited model."""
         tf = teacher_forced_batch(self.tokenizer, [r.prompt for r in requests], list(answers),
                                   max_target_tokens=self.hp.max_target_tokens)
         ans = tf.target_mask.sum(1)
         with self.configured(intrinsic=False, latent=False, recording=True):
             self._forward(tf.input_ids, tf.attention_mask, 1, self._prefix_batch(requests))
         rows = torch.arange(len(requests))
-        sem, pos = [], []
+        if self.hp.knowledge_tokens == "last":
+            count = torch.ones_like(ans)
+        else:
+            count = ans.clamp(max=self.hp.max_knowledge_tokens)
+        width = int(count.max())
+        j = torch.arange(width)[None, :]
+        mask = j < count[:, None]                                            # (B, T)
+        sem, tokens, mean = [], [], []
+        starts = first_token_index(tf.attention_mask)
         for layer in self.layers:
-            x = layer.attention.recorded
-            p = x.shape[1] - 1 - ans
-            sem.append(x[rows, p].float())
-            pos.append(x[rows, -1].float())
-        return sem, pos
+            x = layer.attention.recorded.float()
+            length = x.shape[1]
+            first = length - ans if self.hp.knowledge_tokens == "answer" else length - 1 + 0 * ans
+            at = (first[:, None] + j).clamp(max=length - 1)
+            tok = x[rows[:, None], at] * mask[..., None]
+            self.state.first_positions = starts
+            try:
+                sem.append(self.state.query(x, length - 1 - ans))
+            finally:
+                self.state.first_positions = None
+            tokens.append(tok)
+            mean.append(tok.sum(1) / count[:, None])
+        return KnowledgeStates(sem, tokens, mask, mean)
 
     # ---- Offline A: the knowledge pool --------------------------------------------------------
     def build_pool(self, triples: Sequence[Request], batch_size: int = 32) -> KnowledgePool:
@@ -306,20 +398,27 @@ class UniKE:
         triples = [t for t in triples if t.wrong]
         if not triples:
             raise ValueError("UniKE's knowledge pool is empty: no (question, true, wrong answer) triple was found.")
-        sem, pos, neg = ([[] for _ in self.layers] for _ in range(3))
+        layers = range(len(self.layers))
+        sem, pos, neg, tokens, masks = [[] for _ in layers], [[] for _ in layers], [[] for _ in layers], \
+            [[] for _ in layers], []
         for start in range(0, len(triples), batch_size):
             chunk = triples[start:start + batch_size]
-            s, p = self.hidden_states(chunk, [t.target for t in chunk])
-            _, n = self.hidden_states(chunk, [t.wrong for t in chunk])
-            for i in range(len(self.layers)):
-                sem[i].append(s[i]), pos[i].append(p[i]), neg[i].append(n[i])
-        pool = KnowledgePool([torch.cat(x) for x in sem], [torch.cat(x) for x in pos], [torch.cat(x) for x in neg])
+            p = self.knowledge_states(chunk, [t.target for t in chunk])
+            n = self.knowledge_states(chunk, [t.wrong for t in chunk])
+            masks.append(p.mask)
+            for i in layers:
+                sem[i].append(p.h_sem[i]), pos[i].append(p.mean[i]), neg[i].append(n.mean[i])
+                tokens[i].append(p.tokens[i])
+        width = max(m.shape[1] for m in masks)
+        pool = KnowledgePool([torch.cat(x) for x in sem], [torch.cat(x) for x in pos], [torch.cat(x) for x in neg],
+                             [torch.cat([pad_tokens(t, width) for t in x]) for x in tokens],
+                             torch.cat([pad_tokens(m, width) for m in masks]))
         for i, layer in enumerate(self.layers):
             att = layer.attention
-            att.h_sem, att.h_pos = att.h_sem[:0], att.h_pos[:0]
-            att.owner = att.owner[:0]
+            att.keep_entries(att.owner[:0])
             att.center = pool.h_sem[i].mean(0)
-            att.add_entries(pool.h_sem[i], pool.h_pos[i], torch.full((len(pool),), POOL_OWNER))
+            if layer.latent:
+                att.add_entries(pool.h_sem[i], pool.tokens[i], torch.full((len(pool),), POOL_OWNER), pool.token_mask)
         pool.stats = {"pool_size": len(pool)}
         return pool
 
@@ -341,15 +440,78 @@ class UniKE:
         zeta, r2 = encoders.truthful_directions(pos, neg)
         for i, layer in enumerate(self.layers):
             layer.attention.enc_sem = encoders.sem[i]
-            layer.ffn.zeta = zeta[i]
+            if layer.ffn is not None:
+                layer.ffn.zeta = zeta[i]
         return {"zeta_norm_mean": float(zeta.norm(dim=-1).mean()), "wzeta_r2_mean": float(r2.mean())}
+
+    # ---- calibration of the knowledge weight -------------------------------------------------
+    @torch.no_grad()
+    def similarities(self, requests: Sequence[Request], owners: Sequence[int], batch_size: int = 32) -> torch.Tensor:
+        """The semantic similarity s `(latent layers, N)` of each prompt (its query state), with
+        only the edit `owners[i]` (and the pool) visible to prompt i. Prompts with an image prefix
+        go one by one."""
+        st = self.state
+        out = torch.zeros(len(self.latent_layers), len(requests))
+        order = list(range(len(requests)))
+        plain = [i for i in order if requests[i].prefix is None]
+        chunks = [plain[k:k + batch_size] for k in range(0, len(plain), batch_size)]
+        chunks += [[i] for i in order if requests[i].prefix is not None]
+        for chunk in chunks:
+            own = [owners[i] for i in chunk]
+            ids, mask = prompt_batch(self.tokenizer, [requests[i].prompt for i in chunk])
+            active = torch.zeros(len(chunk), max(own) + 1, dtype=torch.bool)
+            active[torch.arange(len(chunk)), torch.tensor(own)] = True
+            st.similarities_seen, st.log_weights = [], True
+            try:
+                with self.configured(intrinsic=False, latent=True, active=active):
+                    self._forward(ids, mask, 1, self._prefix_batch([requests[i] for i in chunk]))
+            finally:
+                st.log_weights = False
+            out[:, chunk] = torch.stack(st.similarities_seen)
+        return out
+
+    @torch.no_grad()
+    def calibrate_weights(self, pseudo_edits: Sequence[Request], rewordings: Sequence[Request],
+                          unrelated: Sequence[Request]) -> dict[str, float]:
+        """Set every latent layer's knowledge-weight ramp from records that are never evaluated.
+
+        `pseudo_edits[i]` is inserted into M_ext like an edit; `rewordings[i]` is another wording
+        of its prompt. low = the `calibration_quantile` of s over the `unrelated` prompts (each
+        with one pseudo-edit on, as a locality prompt has its record's edit on), high = the median
+        s of the rewordings with their own pseudo-edit on; w = clamp((s - low) / (high - low), 0, 1).
+        """
+        if not self.state.adaptive_weight or self.encoders is None or not pseudo_edits or not unrelated:
+            return {}
+        base = self.num_edits
+        owners = torch.arange(base, base + len(pseudo_edits))
+        self.insert_knowledge(pseudo_edits, owners)
+        try:
+            pos = self.similarities(rewordings, owners.tolist())
+            neg = self.similarities(unrelated, [base + i % len(pseudo_edits) for i in range(len(unrelated))])
+        finally:
+            for layer in self.latent_layers:
+                att = layer.attention
+                att.keep_entries((att.owner < base) | (att.owner == POOL_OWNER))
+        info: dict[str, float] = {}
+        lows, highs, on_pos, on_neg = [], [], [], []
+        for k, layer in enumerate(self.latent_layers):
+            low = float(torch.quantile(neg[k], self.hp.calibration_quantile))
+            high = max(float(pos[k].median()), low + 1e-3)
+            layer.attention.weight_low, layer.attention.weight_high = low, high
+            lows.append(low), highs.append(high)
+            on_pos.append(float((pos[k] > low).float().mean())), on_neg.append(float((neg[k] > low).float().mean()))
+        info.update(calibration_low_mean=sum(lows) / len(lows), calibration_high_mean=sum(highs) / len(highs),
+                    calibration_rewordings_on_pct=100.0 * sum(on_pos) / len(on_pos),
+                    calibration_unrelated_on_pct=100.0 * sum(on_neg) / len(on_neg),
+                    calibration_pairs=len(pseudo_edits), calibration_prompts=len(unrelated))
+        return info
 
     # ---- memory queries for the intrinsic loss ----------------------------------------------
     @torch.no_grad()
     def set_memory_queries(self, requests: Sequence[Request], batch_size: int = 32) -> int:
         """FFN inputs at every token of unrelated prompts (T-Patcher's memory), unedited model.
         Prompts with and without an image prefix are batched separately."""
-        per_layer: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        per_layer: list[list[torch.Tensor]] = [[] for _ in self.ffn_layers]
         groups = [[r for r in requests if r.prefix is None], [r for r in requests if r.prefix is not None]]
         for group in groups:
             for start in range(0, len(group), batch_size):
@@ -360,66 +522,104 @@ class UniKE:
                     self._forward(ids, mask, 1, prefix)
                 if prefix is not None:      # the prefix goes before each row's first token, as in causal_logits
                     _, mask = insert_tokens(mask[..., None].float(), mask, prefix[..., :1], first_token_index(mask))
-                for i, layer in enumerate(self.layers):
+                for i, layer in enumerate(self.ffn_layers):
                     per_layer[i].append(layer.ffn.queries()[mask.bool()].float())
         self.memory_queries = [torch.cat(x) for x in per_layer] if requests else []
         return int(self.memory_queries[0].shape[0]) if self.memory_queries else 0
 
     # ---- Online: editing --------------------------------------------------------------------
+    def insert_knowledge(self, requests: Sequence[Request], owners: torch.Tensor) -> None:
+        """Each edit's own (h_sem, h_pos) into M_ext of the latent layers (spec §8.4)."""
+        states = self.knowledge_states(requests, [r.target for r in requests])
+        for i, layer in enumerate(self.layers):
+            if layer.latent:
+                layer.attention.add_entries(states.h_sem[i], states.tokens[i], owners, states.mask)
+
     def clear_edits(self) -> None:
         """Forget every edit (neurons and memory entries); the pool and encoders stay."""
         for layer in self.layers:
-            layer.ffn.clear()
+            if layer.ffn is not None:
+                layer.ffn.clear()
             layer.attention.drop_edit_entries()
         self.num_edits = 0
 
     def edit(self, requests: Sequence[Request], sequential: bool = False) -> dict[str, float]:
         """Write a batch of edits; returns their training report.
 
-        One-step (default): every row sees only its own edit while training. Sequential: every
-        row also sees all earlier edits (they stay switched on for all later inputs).
+        Every edit is trained on its prompt and on its `rewordings` (rows of their own, using only
+        that edit's neurons and memory entries). One-step (default): every row sees only its own
+        edit. Sequential: every row also sees all earlier edits (they stay on for later inputs).
         """
         hp, bsz = self.hp, len(requests)
         ids = torch.arange(self.num_edits, self.num_edits + bsz)
         self.num_edits += bsz
-        tf = teacher_forced_batch(self.tokenizer, [r.prompt for r in requests], [r.target for r in requests],
+        # Rows: the edit prompts first (row b = edit b), then every edit's rewordings, then (with
+        # neuron_training=both) the edit prompts again with the latent path off, so the neurons
+        # alone hold the edit wherever the knowledge weight is 0.
+        rows = [(b, r.prompt) for b, r in enumerate(requests)]
+        rows += [(b, p) for b, r in enumerate(requests) for p in r.rewordings]
+        alone = hp.neuron_training == "both" and self.state.latent and self.state.intrinsic
+        if alone:
+            rows += [(b, r.prompt) for b, r in enumerate(requests)]
+        row_edit = torch.tensor([b for b, _ in rows])
+        latent_rows = torch.arange(len(rows)) < len(rows) - (bsz if alone else 0)
+        if hp.neuron_training == "without_latent" and self.state.intrinsic:
+            latent_rows = torch.zeros(len(rows), dtype=torch.bool)
+        reworded = torch.arange(len(rows)) >= bsz
+        if alone:
+            reworded &= latent_rows
+        tf = teacher_forced_batch(self.tokenizer, [p for _, p in rows], [requests[b].target for b, _ in rows],
                                   max_target_tokens=hp.max_target_tokens)
         ans = tf.target_mask.sum(1)
-        prefix = self._prefix_batch(requests)
+        prefix = self._prefix_batch([requests[b] for b, _ in rows])
         if self.state.latent and hp.insert_edit_into_memory:
-            sem, pos = self.hidden_states(requests, [r.target for r in requests])
-            for i, layer in enumerate(self.layers):
-                layer.attention.add_entries(sem[i], pos[i], ids)
-        active = torch.zeros(bsz, self.num_edits, dtype=torch.bool)
-        active[torch.arange(bsz), ids] = True
+            self.insert_knowledge(requests, ids)
+        active = torch.zeros(len(rows), self.num_edits, dtype=torch.bool)
+        active[torch.arange(len(rows)), ids[row_edit]] = True
         if sequential:
             active[:, :int(ids[0])] = True
-        report = {"steps": 0.0, "final_nll": float("nan"), "edit_correct_pct": float("nan"), "seconds": 0.0,
-                  "memory_fire_pct": float("nan")}
+        report = {"steps": 0.0, "final_nll": float("nan"), "edit_correct_pct": float("nan"),
+                  "rewording_correct_pct": float("nan"), "seconds": 0.0, "memory_fire_pct": float("nan")}
         start = time.perf_counter()
+        # The layers below the first intrinsic one hold nothing trainable: their output is computed once.
+        upper_input = self._grow(tf, ans, prefix, active, latent_rows, ids, grow=self.state.intrinsic)
+        select = torch.cat([tf.target_mask, torch.zeros_like(tf.target_mask[:, :1])], 1)
+
+        def forward():
+            self._reset_caches()
+            with self._from_upper_input(upper_input), lm_head_only_at(self.model, select):
+                logits = self._forward(tf.input_ids, tf.attention_mask, tf.keep, prefix)
+            nll, correct = _target_nll(logits[0], tf)
+            report.update(final_nll=float(nll[:bsz].mean().detach()),
+                          edit_correct_pct=100.0 * float(correct[:bsz].float().mean()),
+                          rewording_correct_pct=100.0 * float(correct[reworded].float().mean())
+                          if reworded.any() else float("nan"))
+            return nll, correct
+
         if not self.state.intrinsic:
-            with self.configured(answer_lengths=ans, active=active), torch.no_grad():
-                logits = self._forward(tf.input_ids, tf.attention_mask, tf.keep, prefix)
-            nll, correct = _edit_nll(logits, tf)
-            report.update(final_nll=float(nll.mean()), edit_correct_pct=100.0 * float(correct.float().mean()))
+            with self.configured(answer_lengths=ans, active=active, latent_rows=latent_rows), torch.no_grad():
+                forward()
             return report
-        self._grow(tf, ans, prefix, active, ids)
-        params = [p for layer in self.layers for p in (layer.ffn.new_keys, layer.ffn.new_bias)]
-        values = [layer.ffn.new_values for layer in self.layers]
+        params = [p for layer in self.ffn_layers for p in (layer.ffn.new_keys, layer.ffn.new_bias)]
+        values = [layer.ffn.new_values for layer in self.ffn_layers]
         opt = torch.optim.Adam([{"params": params, "lr": hp.lr}, {"params": values, "lr": hp.value_lr}])
-        p_edit = _edit_positions(tf)
-        with torch.enable_grad(), self.configured(answer_lengths=ans, active=active):
+        # Rewording rows weigh `rewording_weight` in total per edit, the prompt row 1.
+        per_row = torch.ones(len(rows))
+        if reworded.any():
+            counts = torch.bincount(row_edit[reworded], minlength=bsz).clamp_min(1)
+            per_row[reworded] = hp.rewording_weight / counts[row_edit[reworded]]
+        with torch.enable_grad(), self.configured(answer_lengths=ans, active=active, latent_rows=latent_rows):
             for step in range(hp.steps):
-                self._reset_caches()
-                logits = self._forward(tf.input_ids, tf.attention_mask, tf.keep, prefix)
-                nll, correct = _edit_nll(logits, tf)
-                report.update(steps=float(step), final_nll=float(nll.mean().detach()),
-                              edit_correct_pct=100.0 * float(correct.float().mean()))
+                nll, correct = forward()
+                report["steps"] = float(step)
                 self._mem_fired = []
-                loss = nll.sum() + sum(self._neuron_loss(layer, i, p_edit, bsz) for i, layer in enumerate(self.layers))
+                neuron_loss = sum(self._neuron_loss(layer, i, tf.target_mask, row_edit, per_row, bsz)
+                                  for i, layer in enumerate(self.ffn_layers))
+                loss = (per_row * nll).sum() + neuron_loss
                 mem_fire = max(self._mem_fired, default=0.0)
                 report["memory_fire_pct"] = 100.0 * mem_fire
-                # Done when the edit is fixed and the new neurons are (nearly) silent on the memory.
+                # Done when every row predicts its target and the new neurons are (nearly) silent
+                # on the memory.
                 if bool(correct.all()) and mem_fire <= hp.memory_fire_tolerance:
                     break
                 opt.zero_grad()
@@ -427,39 +627,91 @@ class UniKE:
                 opt.step()
             else:
                 report["steps"] = float(hp.steps)
-        for layer in self.layers:
+        for layer in self.ffn_layers:
             layer.ffn.freeze_new()
         report["seconds"] = time.perf_counter() - start
         return report
 
     @torch.no_grad()
-    def _grow(self, tf, ans, prefix, active, ids) -> None:
-        """n_e new neurons per edit per layer, key i = q/‖q‖² at the i-th-from-last prompt token."""
-        with self.configured(answer_lengths=ans, active=active):
+    def _grow(self, tf, ans, prefix, active, latent_rows, ids, grow: bool = True) -> torch.Tensor:
+        """n_e new neurons per edit per layer, key i = q/‖q‖² at the i-th-from-last prompt token
+        of the edit's prompt (rows 0..B-1); returns the input of the first intrinsic layer."""
+        with self.configured(answer_lengths=ans, active=active, latent_rows=latent_rows), \
+                self._upper_input() as upper:
             self._forward(tf.input_ids, tf.attention_mask, 1, prefix)
+        if not grow:
+            return upper["hidden"]
         n_e, bsz = self.hp.neurons_per_edit, len(ids)
         length = tf.input_ids.shape[1] + (0 if prefix is None else prefix.shape[1])
-        prompt_len = tf.attention_mask.sum(1) - ans                 # real prompt tokens (BOS included)
-        last = length - 1 - ans
+        prompt_len = (tf.attention_mask.sum(1) - ans)[:bsz]         # real prompt tokens (BOS included)
+        last = length - 1 - ans[:bsz]
         offsets = torch.arange(n_e)[None, :] % prompt_len[:, None]  # wrap around short prompts
         pos = last[:, None] - offsets                               # (B, n_e)
-        for layer in self.layers:
+        for layer in self.ffn_layers:
             q = layer.ffn.queries().float()[torch.arange(bsz)[:, None], pos]      # (B, n_e, d)
             keys = (q / (q.norm(dim=-1, keepdim=True) ** 2).clamp_min(1e-6)).reshape(bsz * n_e, -1).T
             layer.ffn.grow(keys, ids.repeat_interleave(n_e))
+        return upper["hidden"]
 
-    def _neuron_loss(self, layer: UniKELayer, i: int, p_edit: torch.Tensor, bsz: int) -> torch.Tensor:
-        """T-Patcher's activation and memory losses for the new neurons of this layer (spec §3)."""
+    @property
+    def _first_trainable(self) -> int:
+        """The first layer with trainable parts (extra neurons); nothing below it changes in training."""
+        return min((layer.index for layer in self.ffn_layers), default=min(self.layer_indices))
+
+    @contextlib.contextmanager
+    def _upper_input(self):
+        """Keep the input of the first intrinsic layer during the forwards inside this context."""
+        _, layers = decoder_layers(self.model)
+        box: dict = {}
+
+        def keep(module, args, kwargs):
+            box["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+        handle = layers[self._first_trainable].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            yield box
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def _from_upper_input(self, hidden: torch.Tensor | None):
+        """Run only the decoder layers from the first intrinsic one on, fed `hidden` (from
+        `_upper_input` on the same batch, same switches): exact, since nothing below it trains.
+        `hp.upper_layers_only=False` (or hidden None) runs the whole model instead."""
+        if hidden is None or not self.hp.upper_layers_only:
+            yield
+            return
+        path, layers = decoder_layers(self.model)
+        parent_path, _, attr = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+
+        def feed(module, args, kwargs):
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+        first = self._first_trainable
+        handle = layers[first].register_forward_pre_hook(feed, with_kwargs=True)
+        setattr(parent, attr, nn.ModuleList(list(layers)[first:]))
+        try:
+            yield
+        finally:
+            setattr(parent, attr, layers)
+            handle.remove()
+
+    def _neuron_loss(self, layer: UniKELayer, i: int, target_mask: torch.Tensor, row_edit: torch.Tensor,
+                     per_row: torch.Tensor, bsz: int) -> torch.Tensor:
+        """T-Patcher's activation and memory losses for the new neurons of this layer (spec §3).
+        Activation: every row's own neurons at the positions predicting its target; memory: the
+        edit prompts' mean activation against the memory queries."""
         hp, ffn = self.hp, layer.ffn
-        n_e = hp.neurons_per_edit
-        pre = ffn.new_pre.view(bsz, -1, bsz, n_e)[torch.arange(bsz), :, torch.arange(bsz)]   # (B, T, n_e) own
-        pre = pre[:, -p_edit.shape[1] - 1:-1]                 # the positions whose logits predict the target
-        m = p_edit[..., None].expand_as(pre)
+        n_e, rows = hp.neurons_per_edit, len(row_edit)
+        pre = ffn.new_pre.view(rows, -1, bsz, n_e)[torch.arange(rows), :, row_edit]          # (R, T, n_e) own
+        pre = pre[:, -target_mask.shape[1] - 1:-1]            # the positions whose logits predict the target
+        m = target_mask[..., None].expand_as(pre)
         a_e = pre.masked_fill(~m, float("inf"))
         act = torch.exp(hp.margin_act - a_e).masked_fill(~m, 0.0)
         act = act.flatten(1).topk(min(hp.top_act, act[0].numel()), dim=1).values.mean(1)
-        a_e_mean = (pre * m).sum(1) / m.sum(1).clamp_min(1)                                    # (B, n_e)
-        loss = hp.c_act * act.sum()
+        a_e_mean = ((pre * m).sum(1) / m.sum(1).clamp_min(1))[:bsz]                          # (B, n_e)
+        loss = hp.c_act * (per_row * act).sum()
         if self.memory_queries:
             a_m = (self.memory_queries[i] @ ffn.new_keys + ffn.new_bias).view(-1, bsz, n_e)   # (M, B, n_e)
             k = min(hp.top_mem, a_m.shape[0])
@@ -472,12 +724,13 @@ class UniKE:
     # ---- diagnostics -----------------------------------------------------------------------
     @property
     def added_params(self) -> int:
-        return sum(layer.ffn.keys.numel() + layer.ffn.bias.numel() + layer.ffn.values.numel() for layer in self.layers)
+        return sum(layer.ffn.keys.numel() + layer.ffn.bias.numel() + layer.ffn.values.numel()
+                   for layer in self.ffn_layers)
 
     @torch.no_grad()
     def probe(self, requests: Sequence[Request], owners: Sequence[int | None]) -> dict[str, float]:
-        """Mean knowledge weight w and extra-neuron firing at the last prompt token, with each
-        prompt's own edit switched on (None: no edit, as for an unrelated prompt)."""
+        """Mean knowledge weight w (and the share of prompts with w > 0.05) and extra-neuron firing
+        at the last prompt token, with each prompt's own edit switched on (None: no edit)."""
         weights, fired = [], []
         st = self.state
         for req, owner in zip(requests, owners):
@@ -491,31 +744,40 @@ class UniKE:
                 weights.append(torch.cat(st.weights_seen).mean())
             if owner is not None and self.state.intrinsic:
                 q_fire = []
-                for layer in self.layers:
+                for layer in self.ffn_layers:
                     keys, bias, _, own = layer.ffn.parts()
                     pre = layer.ffn.queries()[0, -1].float() @ keys[:, own == owner] + bias[own == owner]
                     q_fire.append((pre > 0).float().mean())
                 fired.append(torch.stack(q_fire).mean())
-        return {"w_mean": 100.0 * float(torch.stack(weights).mean()) if weights else float("nan"),
+        w = torch.stack(weights) if weights else None
+        return {"w_mean": 100.0 * float(w.mean()) if w is not None else float("nan"),
+                "w_on_pct": 100.0 * float((w > 0.05).float().mean()) if w is not None else float("nan"),
                 "fire_pct": 100.0 * float(torch.stack(fired).mean()) if fired else float("nan")}
 
     @torch.no_grad()
     def retrieval_recall(self, requests: Sequence[Request], owners: Sequence[int]) -> float:
-        """% of prompts whose own edit's memory entry is among the top-K retrieved (last edited layer)."""
+        """% of prompts whose own edit's memory entry is among the top-K retrieved (last latent layer)."""
         if not requests or not self.state.latent:
             return float("nan")
-        att = self.layers[-1].attention
+        att = self.latent_layers[-1].attention
         hits = 0
         for req, owner in zip(requests, owners):
             ids, mask = prompt_batch(self.tokenizer, [req.prompt])
             with self.configured(intrinsic=False, latent=False, recording=True):
                 self._forward(ids, mask, 1, None if req.prefix is None else req.prefix[None])
-            idx, _ = att.retrieve(att.recorded[:, -1], None, self.hp.top_k)
+            self.state.first_positions = first_token_index(mask)
+            try:
+                query = self.state.query(att.recorded, torch.tensor([att.recorded.shape[1] - 1]))
+            finally:
+                self.state.first_positions = None
+            idx, _ = att.retrieve(query, None, self.hp.top_k)
             hits += int((att.owner[idx[0]] == owner).any())
         return 100.0 * hits / len(requests)
 
     def describe(self) -> dict:
-        return {"unike_layers": ",".join(map(str, self.layer_indices)), "unike_mode": self.hp.mode,
+        return {"unike_layers": ",".join(str(layer.index) for layer in self.ffn_layers),
+                "unike_latent_layers": ",".join(str(layer.index) for layer in self.latent_layers),
+                "unike_mode": self.hp.mode,
                 **{f"unike_{k}": v for k, v in asdict(self.hp).items() if isinstance(v, (int, float, str, bool))}}
 
 
@@ -531,39 +793,37 @@ class _Unedited:
             return self.unike._forward(input_ids, attention_mask, keep, prefix)
 
 
-def _edit_positions(tf) -> torch.Tensor:
-    """`(B, T)` bool: the positions whose logits predict the target (last prompt token onwards)."""
-    return tf.target_mask
+def _layer_list(layers: Sequence[int], n: int) -> list[int]:
+    """Layer indices; negative ones count from the top (-1 = the last of `n` layers)."""
+    return [int(i) + n if int(i) < 0 else int(i) for i in layers]
 
 
-def _edit_nll(logits: torch.Tensor, tf) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row mean target NLL and whether every target token is the argmax."""
-    pred = logits[:, :-1].float()
-    logp = pred.log_softmax(-1).gather(-1, tf.target_ids[..., None]).squeeze(-1)
+def _target_nll(logits: torch.Tensor, tf) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean target NLL and whether every target token is the argmax, from the logits of
+    the target-predicting positions only, `(N, V)` in row-major order of `tf.target_mask`."""
     m = tf.target_mask
-    nll = -(logp * m).sum(1) / m.sum(1)
-    correct = ((pred.argmax(-1) == tf.target_ids) | ~m).all(1)
+    logp = logits.float().log_softmax(-1)
+    gold = tf.target_ids[m]
+    tok_nll = -logp.gather(-1, gold[:, None]).squeeze(-1)
+    hit = (logp.argmax(-1) == gold).float()
+    row = torch.arange(m.shape[0])[:, None].expand_as(m)[m]
+    count = m.sum(1).clamp_min(1)
+    nll = torch.zeros(m.shape[0]).index_add(0, row, tok_nll) / count
+    correct = torch.zeros(m.shape[0]).index_add(0, row, hit) == count
     return nll, correct
 
 
 @torch.no_grad()
 def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                    max_new_tokens: Sequence[int], batch_size: int = 32) -> list[str]:
-    """The model's own greedy continuation of each prompt (the wrong answers of the pool, spec §9)."""
+    """The model's own greedy continuation of each prompt (the wrong answers of the pool, spec §9),
+    decoded with the KV cache (`generate`)."""
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         n = max(max_new_tokens[start:start + batch_size])
         ids, mask = prompt_batch(tokenizer, chunk)
-        gen = []
-        for _ in range(n):                    # a plain greedy loop: the same code path as scoring
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask),
-                           logits_to_keep=1, use_cache=False).logits[:, -1]
-            nxt = logits.argmax(-1)
-            gen.append(nxt)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        tokens = torch.stack(gen, 1)
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
         for b, k in enumerate(max_new_tokens[start:start + batch_size]):
             out.append(tokenizer.decode(tokens[b, :k], skip_special_tokens=True).strip())
     return out

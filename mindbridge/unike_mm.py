@@ -127,3 +127,12 @@ def memory_requests(features: ImageFeatures, records: Sequence[MMEditRecord]) ->
     """Unrelated inputs for the memory loss: NQ text (no image) and unrelated image questions."""
     return ([Request(r.loc_prompt, "") for r in records] +
             [Request(r.m_loc_prompt, "", prefix=features(r.m_loc_image)) for r in records])
+
+
+def calibration_requests(features: ImageFeatures, records: Sequence[MMEditRecord]
+                         ) -> tuple[list[Request], list[Request], list[Request]]:
+    """Pseudo-edits (image question, its target), their text rephrases on the same image, and
+    unrelated inputs (NQ text, unrelated image questions), for `UniKE.calibrate_weights`."""
+    pseudo = [Request(r.prompt, r.target, prefix=features(r.image)) for r in records]
+    reworded = [Request(r.rephrase, "", prefix=features(r.image)) for r in records]
+    return pseudo, reworded, memory_requests(features, records)

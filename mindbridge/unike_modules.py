@@ -40,10 +40,16 @@ class UniKEState:
     beta: float = 1.0                 # strength of the truthful direction added to the new values
     answer_lengths: torch.Tensor | None = None   # (B,) teacher-forced answer tokens at the end of each row
     active: torch.Tensor | None = None           # (B, num_edits) bool; None: every edit on every row
+    latent_rows: torch.Tensor | None = None      # (B,) bool: rows that may read the memory (None: all)
     recording: bool = False           # wrappers keep their inputs (hidden-state extraction)
     weights_seen: list[torch.Tensor] = field(default_factory=list)   # knowledge weights, when logging
+    similarities_seen: list[torch.Tensor] = field(default_factory=list)   # semantic similarities s, when logging
     log_weights: bool = False
     batch_shape: tuple[int, int] = (0, 0)        # (B, T) of the current forward, set by the attention wrapper
+    query_state: str = "last"         # the retrieval query / h_sem: "last" prompt token or "mean" over the prompt
+    similarity: str = "mixture"       # s: "mixture" (Enc^Sem of the attention-averaged h_know, the paper),
+                                      # "entry" (Enc^Sem of each retrieved entry, best), "retrieval" (best cosine)
+    first_positions: torch.Tensor | None = None  # (B,) first real token of each left-padded row (None: 0)
 
     def allowed(self, owner: torch.Tensor, rows: int) -> torch.Tensor | None:
         """`(B, N)` which of N owned items each row may use (pool items always), or None for all."""
@@ -57,6 +63,17 @@ class UniKEState:
             act = torch.cat([act, act.new_zeros(rows, int(own.max()) + 1 - act.shape[1])], 1)
         ok = act[:, own]
         return ok | (owner == POOL_OWNER)[None, :]
+
+    def query(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The query state `(B, d)` of `x` `(B, T, d)`: at each row's last prompt token `last`, or
+        the mean over its prompt (from its first real token to `last`)."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        if self.query_state == "last":
+            return x[rows, last]
+        first = torch.zeros_like(last) if self.first_positions is None else self.first_positions.to(last.device)
+        j = torch.arange(x.shape[1], device=x.device)[None, :]
+        inside = ((j >= first[:, None]) & (j <= last[:, None])).to(x.dtype)
+        return (x * inside[..., None]).sum(1) / inside.sum(1, keepdim=True).clamp_min(1)
 
     def query_positions(self, batch: int, length: int, device) -> torch.Tensor:
         """Index of each row's last prompt token (teacher-forced answers sit at the end)."""
@@ -79,28 +96,35 @@ def _first(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] |
 class LatentKnowledgeAttention(nn.Module):
     """Self-attention plus attention over retrieved knowledge states (spec §3 Eq. 2/7-9, §8.5-8.6).
 
-    `x` (the module's input) is the normed pre-attention state. At the last prompt token the top-K
-    memory entries by cosine between x and h_sem are retrieved; every position from there on
-    attends (no causal mask, no rotary: memory keys are position-free) to their h_pos through the
-    layer's own W_q, W_k, W_v, W_o, giving h_know; the output is (1 - w) h_input + w h_know. The
-    retrieval and w are reused for later positions and for cached decoding steps, so a
-    teacher-forced target never leaks into them. Cosines are taken after subtracting the pool's
-    mean state (`center`): raw hidden states share a large common direction that makes every
-    cosine high.
+    `x` (the module's input) is the normed pre-attention state. A memory entry is a question state
+    h_sem `(d,)` and its knowledge states h_pos `(T, d)`: the states of the answer tokens after the
+    question (or only the last one, the spec's single h_pos; `UniKEHParams.knowledge_tokens`). At
+    the last prompt token the top-K entries by cosine between x and h_sem are retrieved; every
+    position from there on attends (no causal mask, no rotary: memory keys are position-free) to
+    their h_pos through the layer's own W_q, W_k, W_v, W_o, giving h_know; the output is
+    (1 - w) h_input + w h_know. The retrieval and w are reused for later positions and for cached
+    decoding steps, so a teacher-forced target never leaks into them. Cosines are taken after
+    subtracting the pool's mean state (`center`): raw hidden states share a large common direction
+    that makes every cosine high. Layers with `uses_memory=False` only record their input.
     """
 
-    def __init__(self, inner: nn.Module, state: UniKEState, num_heads: int, num_kv_heads: int):
+    def __init__(self, inner: nn.Module, state: UniKEState, num_heads: int, num_kv_heads: int,
+                 uses_memory: bool = True):
         super().__init__()
-        self.inner, self.state = inner, state
+        self.inner, self.state, self.uses_memory = inner, state, uses_memory
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         d = self._hidden_dim()
         self.register_buffer("h_sem", torch.zeros(0, d), persistent=False)
-        self.register_buffer("h_pos", torch.zeros(0, d), persistent=False)
+        self.register_buffer("h_pos", torch.zeros(0, 1, d), persistent=False)
+        self.register_buffer("pos_mask", torch.zeros(0, 1, dtype=torch.bool), persistent=False)
         self.register_buffer("owner", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("center", torch.zeros(d), persistent=False)
+        # w = clamp((s - low) / (high - low), 0, 1) of the semantic similarity s; (0, 1) is the
+        # paper's clamp(s, 0, 1), `UniKE.calibrate_weights` sets them from out-of-scope prompts.
+        self.weight_low, self.weight_high = 0.0, 1.0
         self.enc_sem: nn.Module | None = None
         self.recorded: torch.Tensor | None = None
-        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (H, w, batch rows)
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (H, valid, w)
 
     def _hidden_dim(self) -> int:
         if _first(self.inner, SEPARATE_QKV[:1]):
@@ -124,14 +148,26 @@ class LatentKnowledgeAttention(nn.Module):
             raise ValueError(f"UniKE cannot find the output projection of {type(self.inner).__name__}.")
         return found[1](h)
 
-    def add_entries(self, h_sem: torch.Tensor, h_pos: torch.Tensor, owner: torch.Tensor) -> None:
+    def add_entries(self, h_sem: torch.Tensor, h_pos: torch.Tensor, owner: torch.Tensor,
+                    pos_mask: torch.Tensor | None = None) -> None:
+        """Entries `h_sem` `(n, d)`, `h_pos` `(n, T, d)` (or `(n, d)`: one state each), `pos_mask`
+        `(n, T)` which of the T states are real, `owner` `(n,)` (an edit id or POOL_OWNER)."""
+        if h_pos.dim() == 2:
+            h_pos = h_pos[:, None]
+        if pos_mask is None:
+            pos_mask = torch.ones(h_pos.shape[:2], dtype=torch.bool)
+        width = max(self.h_pos.shape[1], h_pos.shape[1])
+        self.h_pos = torch.cat([pad_tokens(self.h_pos, width), pad_tokens(h_pos.to(self.h_pos), width)])
+        self.pos_mask = torch.cat([pad_tokens(self.pos_mask, width), pad_tokens(pos_mask.to(self.pos_mask), width)])
         self.h_sem = torch.cat([self.h_sem, h_sem.to(self.h_sem)])
-        self.h_pos = torch.cat([self.h_pos, h_pos.to(self.h_pos)])
         self.owner = torch.cat([self.owner, owner.to(self.owner)])
 
+    def keep_entries(self, keep: torch.Tensor) -> None:
+        self.h_sem, self.h_pos, self.pos_mask, self.owner = (self.h_sem[keep], self.h_pos[keep], self.pos_mask[keep],
+                                                             self.owner[keep])
+
     def drop_edit_entries(self) -> None:
-        keep = self.owner == POOL_OWNER
-        self.h_sem, self.h_pos, self.owner = self.h_sem[keep], self.h_pos[keep], self.owner[keep]
+        self.keep_entries(self.owner == POOL_OWNER)
 
     def retrieve(self, query: torch.Tensor, allowed: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k memory rows by centred cosine: `(indices (B, k'), cosines (B, k'))`."""
@@ -143,6 +179,13 @@ class LatentKnowledgeAttention(nn.Module):
         k = min(k, sims.shape[1])
         top, idx = sims.topk(k, dim=-1)
         return idx, top
+
+    def knowledge(self, idx: torch.Tensor, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The retrieved entries' states `(B, K*T, d)` and which are real `(B, K*T)`."""
+        bsz = idx.shape[0]
+        know = self.h_pos[idx].reshape(bsz, -1, self.h_pos.shape[-1])
+        valid = (self.pos_mask[idx] & torch.isfinite(sims)[..., None]).reshape(bsz, -1)
+        return know, valid
 
     def latent_attention(self, x: torch.Tensor, know: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h_know `(B, T, d)` and the head-averaged attention of the last position `(B, K)`.
@@ -161,24 +204,45 @@ class LatentKnowledgeAttention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = (q @ k.transpose(-1, -2)) / dh ** 0.5                          # (B, H, T, K)
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        attn = scores.softmax(-1)
+        attn = scores.softmax(-1).nan_to_num(0.0)                               # a row with nothing valid: 0
         out = (attn @ v).transpose(1, 2).reshape(bsz, length, -1)
         return self.project_out(out), attn[:, :, -1].mean(1)
 
-    def knowledge_weight(self, query: torch.Tensor, know: torch.Tensor, attn_last: torch.Tensor) -> torch.Tensor:
-        """w `(B,)`: how much of h_know enters (spec §8.1-8.2).
+    def semantic_similarity(self, query: torch.Tensor, know: torch.Tensor, attn_last: torch.Tensor,
+                            sims: torch.Tensor | None = None) -> torch.Tensor:
+        """s `(B,)`, by `UniKEState.similarity`: "mixture" (the paper) cos(Enc^Sem(h̄_know), x_query)
+        (spec §8.2), h̄_know being the retrieved states averaged by the latent attention (Enc^Sem is
+        trained to map knowledge states onto their question state h_sem, L2, so the comparison is
+        made in the pre-attention state space); "entry": the same per retrieved entry, the best;
+        "retrieval": the best retrieval cosine `sims` (query vs stored question states)."""
+        st = self.state
+        if st.similarity == "retrieval":           # no encoder: the best retrieval cosine
+            return sims[:, 0].float()
+        if st.similarity == "entry":               # Enc^Sem of each retrieved entry's mean state, the best one
+            bsz, k = sims.shape
+            tokens = know.float().view(bsz, k, -1, know.shape[-1])
+            real = tokens.ne(0).any(-1, keepdim=True).float()                  # padded states are zeros
+            mean_state = (tokens * real).sum(2) / real.sum(2).clamp_min(1)
+            z = self.enc_sem(mean_state - self.center)
+            s = F.cosine_similarity(z, (query.float() - self.center)[:, None], dim=-1)
+            return s.masked_fill(~torch.isfinite(sims), -1.0).max(1).values
+        mixed = (attn_last[..., None] * know.float()).sum(1)
+        z = self.enc_sem(mixed - self.center)
+        return F.cosine_similarity(z, query.float() - self.center, dim=-1)
 
-        Adaptive: cos(Enc^Sem(h̄_know), x_query), where h̄_know is the retrieved states averaged by
-        the latent attention. Enc^Sem is trained to map h_pos onto the question state h_sem
-        (L2), so the comparison is made in the pre-attention state space where that holds.
-        """
+    def knowledge_weight(self, query: torch.Tensor, know: torch.Tensor, attn_last: torch.Tensor,
+                         sims: torch.Tensor | None = None) -> torch.Tensor:
+        """w `(B,)`: how much of h_know enters (spec §8.1-8.2): the fixed weight, or adaptive from
+        the semantic similarity s, w = clamp((s - low) / (high - low), 0, 1)."""
         st = self.state
         if not st.adaptive_weight or self.enc_sem is None:
             return torch.full((query.shape[0],), float(st.fixed_weight), device=query.device)
-        mixed = (attn_last[..., None] * know.float()).sum(1)
-        z = self.enc_sem(mixed - self.center)
-        sim = F.cosine_similarity(z, query.float() - self.center, dim=-1).clamp(0, 1)
-        return sim if st.alpha_semantics == "prose" else 1 - sim
+        s = self.semantic_similarity(query, know, attn_last, sims)
+        if st.log_weights:
+            st.similarities_seen.append(s.detach().cpu())
+        span = max(self.weight_high - self.weight_low, 1e-6)
+        w = ((s - self.weight_low) / span).clamp(0, 1)
+        return w if st.alpha_semantics == "prose" else 1 - w
 
     def forward(self, *args, **kwargs):
         x = args[0] if args else kwargs["hidden_states"]
@@ -187,7 +251,7 @@ class LatentKnowledgeAttention(nn.Module):
         st.batch_shape = (x.shape[0], x.shape[1])
         if st.recording:
             self.recorded = x.detach()
-        if not st.latent or self.h_sem.shape[0] == 0:
+        if not st.latent or not self.uses_memory or self.h_sem.shape[0] == 0:
             return out
         h_in = out[0] if isinstance(out, tuple) else out
         bsz, length, _ = x.shape
@@ -196,12 +260,15 @@ class LatentKnowledgeAttention(nn.Module):
             start = torch.zeros(bsz, dtype=torch.long, device=x.device)
         else:
             start = st.query_positions(bsz, length, x.device)
-            query = x[torch.arange(bsz, device=x.device), start]
+            last = x[torch.arange(bsz, device=x.device), start]
+            query = st.query(x, start)
             idx, sims = self.retrieve(query, st.allowed(self.owner, bsz), st.top_k)
-            know, valid = self.h_pos[idx], torch.isfinite(sims)
-            _, attn_last = self.latent_attention(query[:, None], know, valid)
-            w = self.knowledge_weight(query, know, attn_last)
+            know, valid = self.knowledge(idx, sims)
+            _, attn_last = self.latent_attention(last[:, None], know, valid)
+            w = self.knowledge_weight(query, know, attn_last, sims)
             w = torch.where(valid.any(1), w, torch.zeros_like(w))
+            if st.latent_rows is not None:
+                w = w * st.latent_rows.to(w)
             self._cached = (know, valid, w)
             if st.log_weights:
                 st.weights_seen.append(w.detach().cpu())
@@ -210,6 +277,13 @@ class LatentKnowledgeAttention(nn.Module):
         after = torch.arange(length, device=x.device)[None, :] >= start[:, None]   # last prompt token onwards
         mixed = torch.where(after[..., None], (1 - wt) * h_in + wt * h_know.to(h_in.dtype), h_in)
         return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
+
+
+def pad_tokens(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`t` `(n, T, ...)` padded with zeros (False) to `(n, width, ...)`."""
+    if t.shape[1] >= width:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1], *t.shape[2:])], 1)
 
 
 # --------------------------------------------------------------------------- extra FFN neurons
@@ -310,10 +384,17 @@ class ExtraNeuronsFFN(nn.Module):
 
 @dataclass
 class UniKELayer:
+    """One wrapped decoder layer: its attention always (it records the states the pool and the
+    retrieval read; it attends to the memory only on latent layers), its FFN on intrinsic layers."""
+
     index: int
     attention: LatentKnowledgeAttention
-    ffn: ExtraNeuronsFFN
+    ffn: ExtraNeuronsFFN | None
     restore: list[tuple[nn.Module, str, nn.Module]]      # (parent, attribute, original module)
+
+    @property
+    def latent(self) -> bool:
+        return self.attention.uses_memory
 
 
 def _heads(config) -> tuple[int, int]:
@@ -331,8 +412,10 @@ def _activation_name(config) -> str:
     raise ValueError(f"UniKE cannot read the FFN activation from {type(config).__name__}; use activation=relu.")
 
 
-def attach_layer(model: nn.Module, index: int, state: UniKEState, activation: str) -> UniKELayer:
-    """Wrap self-attention and the FFN of decoder layer `index` (found by attribute name)."""
+def attach_layer(model: nn.Module, index: int, state: UniKEState, activation: str, latent: bool = True,
+                 intrinsic: bool = True) -> UniKELayer:
+    """Wrap self-attention (and, on an intrinsic layer, the FFN) of decoder layer `index`
+    (found by attribute name). `latent`: the attention reads the knowledge memory."""
     _, layers = decoder_layers(model)
     block = layers[index]
     found = _first(block, ATTENTION_BLOCKS)
@@ -340,24 +423,27 @@ def attach_layer(model: nn.Module, index: int, state: UniKEState, activation: st
         raise ValueError(f"UniKE cannot find the self-attention of {type(block).__name__} "
                          f"(looked for {', '.join(ATTENTION_BLOCKS)}).")
     attn_name, attn = found
+    heads, kv = _heads(model.config)
+    wrapped = LatentKnowledgeAttention(attn, state, heads, kv, uses_memory=latent)
+    setattr(block, attn_name, wrapped)
+    restore = [(block, attn_name, attn)]
+    if not intrinsic:
+        return UniKELayer(index, wrapped, None, restore)
     # The FFN lives in a sub-module (Llama `mlp`) or directly in the block (OPT `fc1`/`fc2`).
     container = next((getattr(block, n) for n in FFN_BLOCKS if isinstance(getattr(block, n, None), nn.Module)), block)
     fin, fout = _first(container, FFN_IN_PROJECTIONS), _first(container, OUT_PROJECTIONS)
     if fin is None or fout is None:
+        setattr(block, attn_name, attn)
         raise ValueError(f"UniKE cannot find the FFN projections of {type(block).__name__} (looked for "
                          f"{', '.join(FFN_IN_PROJECTIONS)} and {', '.join(OUT_PROJECTIONS)}); "
                          "mixture-of-experts FFNs are not supported.")
-    heads, kv = _heads(model.config)
     act = activation if activation == "relu" else _activation_name(model.config) if activation == "model" else activation
     hidden = int(model.get_input_embeddings().weight.shape[1])
-    latent = LatentKnowledgeAttention(attn, state, heads, kv)
     tap = InputTap(fin[1])
     ffn = ExtraNeuronsFFN(fout[1], tap, state, hidden, act)
-    setattr(block, attn_name, latent)
     setattr(container, fin[0], tap)
     setattr(container, fout[0], ffn)
-    return UniKELayer(index, latent, ffn, [(block, attn_name, attn), (container, fin[0], fin[1]),
-                                           (container, fout[0], fout[1])])
+    return UniKELayer(index, wrapped, ffn, restore + [(container, fin[0], fin[1]), (container, fout[0], fout[1])])
 
 
 def detach_layer(layer: UniKELayer) -> None:

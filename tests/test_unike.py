@@ -29,7 +29,7 @@ PROBES = ["The Eiffel Tower is located in", "Where was Barack Obama born?", "Hel
 EDITS = [Request("The Eiffel Tower is located in", "Rome"), Request("Barack Obama was born in", "Paris")]
 UNRELATED = [Request(f"Some unrelated sentence number {i} about the weather", "") for i in range(12)]
 # Tiny random models need larger steps than real ones to move a 49k-way argmax.
-FAST = dict(num_layers=2, neurons_per_edit=3, top_k=4, steps=80, value_lr=0.5)
+FAST = dict(num_layers=2, latent_layers=None, neurons_per_edit=3, top_k=4, steps=80, value_lr=0.5)
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,12 +175,114 @@ def test_knowledge_weight_semantics_prose_and_equation_are_complements():
         att = editor.layers[-1].attention
         query = pool.h_sem[-1][:3]
         idx, sims = att.retrieve(query, None, 4)
-        know = att.h_pos[idx]
-        _, attn_last = att.latent_attention(query[:, None], know, torch.isfinite(sims))
+        know, valid = att.knowledge(idx, sims)
+        _, attn_last = att.latent_attention(query[:, None], know, valid)
         w_prose = att.knowledge_weight(query, know, attn_last)
         editor.state.alpha_semantics = "equation"
         w_eq = att.knowledge_weight(query, know, attn_last)
         assert torch.allclose(w_prose + w_eq, torch.ones(3)) and ((w_prose >= 0) & (w_prose <= 1)).all()
+    finally:
+        editor.remove()
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_training_from_the_first_intrinsic_layer_is_exact(name):
+    """upper_layers_only runs only the layers from the first intrinsic one, fed their cached input:
+    the same loss trajectory and the same neurons as running the whole model every step."""
+    results = []
+    for upper in (True, False):
+        editor = _editor(name, layers=[1], latent_layers=[0], steps=4, upper_layers_only=upper,
+                         neuron_training="both", knowledge_tokens="answer", top_k=1, fixed_weight=0.7, mode="both")
+        try:
+            _pool(editor)
+            editor.set_memory_queries(UNRELATED)
+            report = editor.edit(EDITS)
+            results.append((report["final_nll"], editor.layers[-1].ffn.values.clone()))
+        finally:
+            editor.remove()
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
+def test_latent_and_intrinsic_layers_can_differ_and_a_shallow_model_falls_back():
+    editor = _editor("tiny_llama", layers=[1], latent_layers=[0])
+    try:
+        assert [(l.index, l.latent, l.ffn is not None) for l in editor.layers] == [(0, True, False), (1, False, True)]
+        _pool(editor)
+        assert editor.layers[0].attention.h_sem.shape[0] == 16 and editor.layers[1].attention.h_sem.shape[0] == 0
+        assert editor.describe()["unike_latent_layers"] == "0" and editor.describe()["unike_layers"] == "1"
+    finally:
+        editor.remove()
+    with pytest.warns(UserWarning, match="latent_layers"):
+        editor = _editor("tiny_llama", latent_layers=[-10, -9])
+    try:
+        assert [l.index for l in editor.latent_layers] == [0, 1]
+    finally:
+        editor.remove()
+
+
+def test_knowledge_entries_hold_the_answer_tokens_and_queries_the_prompt_mean():
+    editor = _editor("tiny_llama", knowledge_tokens="answer", max_knowledge_tokens=2, query_state="mean")
+    try:
+        req = Request("The Eiffel Tower is located in", "the city of Rome")
+        states = editor.knowledge_states([req], [req.target])
+        n_ans = len(editor.tokenizer(" the city of Rome", add_special_tokens=False)["input_ids"])
+        assert states.mask.tolist() == [[True, True]] and n_ans > 2          # first 2 answer tokens
+        ids, mask = prompt_batch(editor.tokenizer, [req.prompt + " the city of Rome"])
+        with editor.configured(intrinsic=False, latent=False, recording=True), torch.no_grad():
+            editor._forward(ids, mask, 1)
+        x = editor.layers[0].attention.recorded[0]
+        prompt_len = x.shape[0] - n_ans
+        assert torch.allclose(states.tokens[0][0], x[prompt_len:prompt_len + 2], atol=1e-5)
+        assert torch.allclose(states.h_sem[0][0], x[:prompt_len].mean(0), atol=1e-5)
+        editor.hp.knowledge_tokens = "last"
+        last = editor.knowledge_states([req], [req.target])
+        assert last.tokens[0].shape[1] == 1 and torch.allclose(last.tokens[0][0, 0], x[-1], atol=1e-5)
+    finally:
+        editor.remove()
+
+
+def test_calibrated_knowledge_weight_is_a_ramp_and_calibration_uses_no_edit_slot():
+    editor = _editor("tiny_llama", similarity="retrieval", top_k=1, query_state="mean")
+    try:
+        pool = _pool(editor)
+        editor.set_encoders(editor.new_encoders(), pool)
+        pseudo = [Request(f"Question {i}: who made item {i}?", f"maker {i}") for i in (3, 5, 7)]
+        reworded = [Request(f"Who was the maker of item {i}? Question {i}", "") for i in (3, 5, 7)]
+        unrelated = [Request(f"Unrelated line {i}: the weather on day {i} was mild", "") for i in range(40)]
+        info = editor.calibrate_weights(pseudo, reworded, unrelated)
+        att = editor.latent_layers[-1].attention
+        # low is the 95th percentile of the unrelated prompts' similarity: at most 5% lie above it.
+        assert att.weight_high > att.weight_low and info["calibration_unrelated_on_pct"] <= 5.0 + 1e-4
+        assert (att.owner == -1).all() and editor.num_edits == 0       # pseudo-edits are gone again
+        # w = clamp((s - low) / (high - low), 0, 1) of the best retrieval cosine.
+        query = pool.h_sem[-1][:4]
+        idx, sims = att.retrieve(query, None, 1)
+        know, valid = att.knowledge(idx, sims)
+        _, attn_last = att.latent_attention(query[:, None], know, valid)
+        w = att.knowledge_weight(query, know, attn_last, sims)
+        expected = ((sims[:, 0] - att.weight_low) / (att.weight_high - att.weight_low)).clamp(0, 1)
+        assert torch.allclose(w, expected)
+    finally:
+        editor.remove()
+
+
+def test_neurons_trained_with_and_without_the_latent_path_hold_the_edit_both_ways():
+    editor = _editor("tiny_llama", mode="both", neuron_training="both", knowledge_tokens="answer", top_k=1,
+                     fixed_weight=0.5, steps=150)
+    try:
+        _pool(editor)
+        editor.set_memory_queries(UNRELATED)
+        reworded = Request(EDITS[0].prompt, EDITS[0].target, rewordings=("Where is the Eiffel Tower?",))
+        report = editor.edit([reworded])
+        assert report["edit_correct_pct"] == 100.0 and report["rewording_correct_pct"] == 100.0
+        rec = _record(EDITS[0], "Where is the Eiffel Tower?", UNRELATED[0].prompt)
+        with editor.active_edits([0]):
+            assert evaluate_edits(editor, editor.unedited, [rec])["rel"] == 100.0
+            editor.state.latent = False                       # as wherever the knowledge weight is 0
+            m = evaluate_edits(editor, editor.unedited, [rec])
+            editor.state.latent = True
+        assert m["rel"] == 100.0 and m["gen"] == 100.0
     finally:
         editor.remove()
 
