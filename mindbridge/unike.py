@@ -380,7 +380,7 @@ class UniKE:
         for layer in self.layers:
             x = layer.attention.recorded.float()
             length = x.shape[1]
-            first = length - ans if self.hp.knowledge_tokens == "answer" else length - 1 + 0 * ans
+            first = length - ans if self.hp.knowledge_tokens == "answer" else torch.full_like(ans, length - 1)
             at = (first[:, None] + j).clamp(max=length - 1)
             tok = x[rows[:, None], at] * mask[..., None]
             self.state.first_positions = starts

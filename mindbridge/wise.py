@@ -536,7 +536,6 @@ class WISE:
         self.total_edits = 0
         self.merges = 0
         self.edit_log: list[dict[str, Any]] = []
-        self.trace: list[dict[str, float]] | None = None   # a list: per-step statistics of `edit` are appended
         self._sync_candidates()
 
     # ---- state -------------------------------------------------------------------------------
@@ -706,25 +705,14 @@ class WISE:
                     prev[e] = value
                     if stop:
                         finishing.append(e)
-                if self.trace is not None:
-                    d_in_, d_out_ = d_in.detach(), d_out.detach()
-                    self.trace.append({"step": it, "live": len(losses), "nll": float(nll_row.detach().mean()),
-                                       "loss": sum(float(v.detach()) for v in losses.values()) / len(losses),
-                                       "d_in": float(d_in_.mean()), "d_in_min": float(d_in_.min()),
-                                       "route_in_min": float(d_route[template == 0].min()),
-                                       "d_out": float(d_out_.mean()), "d_out_max": float(d_out_.max())})
                 done[finishing] = True
                 if bool(done.all()) or it == hp.n_iter - 1:
                     break
                 total = sum(loss for e, loss in losses.items() if e not in finishing)
                 opt.zero_grad()
                 total.backward()
-                grad_norm = torch.sqrt(sum((t.grad.float() ** 2).sum() for t in side.values()))
-                if hp.clip_grad_norm is not None and float(grad_norm) > hp.clip_grad_norm:
-                    for t in side.values():
-                        t.grad.mul_(hp.clip_grad_norm / float(grad_norm))
-                if self.trace is not None:
-                    self.trace[-1]["grad_norm"] = float(grad_norm)
+                if hp.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(list(side.values()), hp.clip_grad_norm)
                 opt.step()
                 with torch.no_grad():
                     for name, t in side.items():
