@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -152,7 +152,13 @@ class OfflineSweep:
         return str(program.resolve())
 
     def launch(self, params: dict[str, Any]) -> dict:
-        """Run train.py once as a subprocess; returns the run's record (state, metric, paths)."""
+        """Run train.py once as a subprocess and wait; returns the run's record (state, metric, paths)."""
+        running = self.start(params)
+        running.proc.wait()
+        return self.finish(running)
+
+    def start(self, params: dict[str, Any]) -> "_Running":
+        """Start train.py for these parameters (a subprocess with the agent's environment)."""
         from wandb.sdk.lib.config_util import save_config_file_from_dict
         from wandb.sdk.lib.runid import generate_id    # the id format W&B gives its runs
         run_id = generate_id()
@@ -168,14 +174,19 @@ class OfflineSweep:
                   "run_dir": str(run_dir), "log": str(run_dir / "train.log"), "state": "running"}
         self.records.append(record)
         self.save()
-        start = time.perf_counter()
-        with open(run_dir / "train.log", "w", encoding="utf-8") as log:
-            proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        metrics_file = run_dir / "metrics.json"
+        log = open(run_dir / "train.log", "w", encoding="utf-8")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return _Running(record, proc, log, time.perf_counter())
+
+    def finish(self, running: "_Running") -> dict:
+        """Record a started run that has exited: finished with its metrics.json, else failed."""
+        running.log.close()
+        record, code = running.record, running.proc.returncode
+        metrics_file = Path(record["run_dir"]) / "metrics.json"
         metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else None
-        finished = proc.returncode == 0 and metrics is not None
-        record.update(state="finished" if finished else "failed", exitcode=proc.returncode,
-                      seconds=time.perf_counter() - start, metrics=metrics if finished else None)
+        finished = code == 0 and metrics is not None
+        record.update(state="finished" if finished else "failed", exitcode=code,
+                      seconds=time.perf_counter() - running.started, metrics=metrics if finished else None)
         self.save()
         return record
 
@@ -186,30 +197,61 @@ class OfflineSweep:
         tmp.write_text(json.dumps(state, indent=2, default=plain), encoding="utf-8")
         os.replace(tmp, self.out_dir / STATE_FILE)
 
-    def run(self, count: int | None = None, echo=print) -> list[dict]:
-        """Propose and launch runs until the grid is done, `count` runs were launched, or run_cap."""
+    def run(self, count: int | None = None, echo=print, jobs: int = 1) -> list[dict]:
+        """Propose and launch runs until the grid is done, `count` runs were launched, or run_cap.
+
+        `jobs` runs go at once (like that many `wandb agent`s on one sweep): the search engine sees
+        the running ones, so a grid never proposes a running point twice and bayes imputes them.
+        """
         method, cap = self.sweep["method"], self.sweep.get("run_cap")
         if method != "grid" and count is None and cap is None:
             raise SweepError(f"A {method} sweep never ends by itself: pass --count N or set run_cap in the sweep file.")
+        if jobs < 1:
+            raise SweepError("--jobs must be at least 1.")
         launched: list[dict] = []
+        active: list[_Running] = []
         metric = (self.sweep.get("metric") or {}).get("name")
-        while count is None or len(launched) < count:
-            if cap is not None and len(self.records) >= cap:
-                break
-            params = self.propose()
-            if params is None:
-                break
-            shown = " ".join(f"{k}={v}" for k, v in params.items())
-            echo(f"[{self.name}] run {len(self.records) + 1}: {shown}")
-            record = self.launch(params)
-            launched.append(record)
-            if record["state"] == "finished":
-                value = (record["metrics"] or {}).get(metric)
-                echo(f"[{self.name}]   finished in {record['seconds']:.0f} s"
-                     + (f", {metric} = {value:.2f}" if isinstance(value, (int, float)) else ""))
-            else:
-                echo(f"[{self.name}]   FAILED (exit {record['exitcode']}); log: {record['log']}")
+        exhausted = False
+        try:
+            while True:
+                while (not exhausted and len(active) < jobs and (count is None or len(launched) < count)
+                       and (cap is None or len(self.records) < cap)):
+                    params = self.propose()
+                    if params is None:
+                        exhausted = True
+                        break
+                    shown = " ".join(f"{k}={v}" for k, v in params.items())
+                    echo(f"[{self.name}] run {len(self.records) + 1}: {shown}")
+                    active.append(self.start(params))
+                    launched.append(active[-1].record)
+                if not active:
+                    break
+                while not any(r.proc.poll() is not None for r in active):
+                    time.sleep(0.2)
+                for running in [r for r in active if r.proc.poll() is not None]:
+                    active.remove(running)
+                    record = self.finish(running)
+                    if record["state"] == "finished":
+                        value = (record["metrics"] or {}).get(metric)
+                        echo(f"[{self.name}]   run {record['id']} finished in {record['seconds']:.0f} s"
+                             + (f", {metric} = {value:.2f}" if isinstance(value, (int, float)) else ""))
+                    else:
+                        echo(f"[{self.name}]   run {record['id']} FAILED (exit {record['exitcode']}); "
+                             f"log: {record['log']}")
+        finally:
+            for running in active:       # interrupted: stop the runs still going (they rerun on resume)
+                running.proc.terminate()
+                running.proc.wait()
+                self.finish(running)
         return launched
+
+
+class _Running(NamedTuple):
+    """A started run: its record, process, open log and start time."""
+    record: dict
+    proc: subprocess.Popen
+    log: Any
+    started: float
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", help="sweep directory (default: outputs/sweeps/<sweep name>); reuse it to resume")
     parser.add_argument("--count", type=int, help="launch at most this many runs (required for random/bayes "
                                                   "unless the file sets run_cap)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1), like that many agents")
     parser.add_argument("--wandb-mode", choices=["offline", "online", "disabled"],
                         help="WANDB_MODE of the runs (default: $WANDB_MODE, else offline)")
     parser.add_argument("--no-report", action="store_true", help="do not write <dir>/report at the end")
@@ -230,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name = load_sweep(args.sweep_file).get("name") or Path(args.sweep_file).stem
         sweep = OfflineSweep(args.sweep_file, args.dir or Path("outputs") / "sweeps" / name, extra, args.wandb_mode)
-        sweep.run(args.count)
+        sweep.run(args.count, jobs=args.jobs)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -162,6 +162,43 @@ def test_grid_sweep_resumes_where_it_stopped_and_reruns_failures(tmp_path):
     assert sorted(r["params"]["x"] for r in again) == [0.1, 0.2, 0.3] and all(r["params"]["fail"] for r in again)
 
 
+RENDEZVOUS = """
+import sys, time
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+meeting = Path(args["meeting"])
+(meeting / args["x"]).write_text("started")
+deadline = time.monotonic() + 60
+while len(list(meeting.iterdir())) < int(args["expect"]):     # waits for the other run to start
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.05)
+run_dir = Path(args["hydra.run.dir"])
+run_dir.mkdir(parents=True, exist_ok=True)
+(run_dir / "metrics.json").write_text('{"avg": %s}' % args["x"])
+"""
+
+
+def test_jobs_run_grid_points_at_once_each_exactly_once(tmp_path):
+    """Two jobs: both runs of a pair are alive together (each waits for the other to start)."""
+    (tmp_path / "meet").mkdir()
+    path = _fake_sweep(tmp_path, "grid", {"x": {"values": [1, 2, 3, 4]}, "expect": {"value": 2},
+                                          "meeting": {"value": str(tmp_path / "meet")}})
+    (tmp_path / "fake_train.py").write_text(RENDEZVOUS)
+    records = OfflineSweep(path, tmp_path / "out").run(count=2, jobs=2, echo=lambda *_: None)
+    assert sorted(r["params"]["x"] for r in records) == [1, 2]
+    assert [r["state"] for r in records] == ["finished", "finished"]
+    # The rest resumes from sweep.json with two jobs as well; no grid point runs twice.
+    for f in (tmp_path / "meet").iterdir():
+        f.unlink()
+    rest = OfflineSweep(path, tmp_path / "out").run(jobs=2, echo=lambda *_: None)
+    assert sorted(r["params"]["x"] for r in rest) == [3, 4] and {r["state"] for r in rest} == {"finished"}
+    state = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert sorted(r["params"]["x"] for r in state["runs"]) == [1, 2, 3, 4]
+    with pytest.raises(SweepError, match="--jobs"):
+        OfflineSweep(path, tmp_path / "other").run(jobs=0)
+
+
 def test_runs_get_the_agents_environment_and_their_own_run_dir(tmp_path):
     path = _fake_sweep(tmp_path, "grid", {"x": {"values": [0.5]}})
     (record,) = OfflineSweep(path, tmp_path / "out", ["extra=1"]).run(echo=lambda *_: None)
