@@ -92,7 +92,7 @@ def wise(ctx) -> None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         start = time.perf_counter()
         templates = editor.templates                 # generated once per model, counted as editing
-        dm.connect(None, batch_size=hp.batch_size, out_batch_size=hp.batch_size)
+        dm.connect(None, batch_size=hp.batch_size, out_batch_size=hp.batch_size * hp.irrelevant_per_edit)
         batches = -(-len(facts) // hp.batch_size)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
@@ -105,7 +105,8 @@ def wise(ctx) -> None:
         ctx.metrics.update({
             "wise_variant": hp.variant, "wise_layer": layer, "wise_site": editor.site.path,
             "wise_site_kind": editor.site.kind, "wise_value_matrices": ",".join(editor.wrapper.value_names),
-            "wise_batch_size": hp.batch_size, "wise_save_freq": hp.save_freq, "wise_merge_freq": hp.merge_freq,
+            "wise_batch_size": hp.batch_size,
+            "wise_irrelevant_per_edit": hp.irrelevant_per_edit, "wise_save_freq": hp.save_freq, "wise_merge_freq": hp.merge_freq,
             "wise_merges": editor.merges, "wise_memories": len(editor.wrapper.candidates),
             "wise_thresholds": ",".join(f"{e:.4g}" for _, e in editor.wrapper.candidates),
             "wise_min_act": min(e["act"] for e in edits_log), "wise_num_templates": len(templates),

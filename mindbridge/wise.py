@@ -93,6 +93,7 @@ class WISEHParams:
     early_stop_loss: float = 0.02
     early_stop_delta: float = 1e-4
     max_target_tokens: int = 32
+    irrelevant_per_edit: int = 1      # irrelevant texts per edit in the margin loss (upstream: 1)
     max_irrelevant_tokens: int = 256
     bucket_slack: float = 0.2         # rows of one forward pad to ≥ (1 - slack) of their longest
     seed: int = 0                     # mask RNG
@@ -119,8 +120,8 @@ class WISEHParams:
         if self.optimizer not in ("sgd", "adam") or self.train_gap_tokens not in ("all", "prompt"):
             raise ValueError(f"WISE optimizer must be sgd|adam and train_gap_tokens all|prompt "
                              f"(got {self.optimizer!r}, {self.train_gap_tokens!r}).")
-        if self.batch_size < 1 or self.n_iter < 1:
-            raise ValueError("WISE batch_size and n_iter must be at least 1.")
+        if self.batch_size < 1 or self.n_iter < 1 or self.irrelevant_per_edit < 1:
+            raise ValueError("WISE batch_size, n_iter and irrelevant_per_edit must be at least 1.")
 
 
 # --------------------------------------------------------------------------- where the side memory lives

@@ -473,3 +473,21 @@ def test_stage_wise_end_to_end(tiny_cfg, tmp_path, variant):
     log = json.loads((run / "wise_edit_log.json").read_text())
     assert sorted(e["position"] for e in log) == list(range(8))
     assert not (run / "checkpoints").exists()       # the side memories are the artifact, not Lightning checkpoints
+
+
+def test_stage_pairs_each_edit_with_irrelevant_per_edit_texts(tiny_cfg, tmp_path, monkeypatch):
+    from mindbridge.wise import WISE
+    from train import train
+    seen: list[tuple[int, int]] = []
+    real = WISE.edit
+
+    def spy(self, facts, irrelevant):
+        seen.append((len(facts), len(irrelevant)))
+        return real(self, facts, irrelevant)
+    monkeypatch.setattr(WISE, "edit", spy)
+    run = tmp_path / "run"
+    cfg = tiny_cfg("stage=wise", "model=wise", "model.n_iter=1", "model.prefix_lengths=[3]",
+                   "model.prefixes_per_length=1", "model.batch_size=2", "model.irrelevant_per_edit=3", run_dir=run)
+    train(cfg, run)
+    assert seen == [(2, 6)] * 4
+    assert json.loads((run / "metrics.json").read_text())["wise_irrelevant_per_edit"] == 3
