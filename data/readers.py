@@ -196,41 +196,27 @@ def _knowedit_locality(f: _Fields) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(prompts), tuple(answers)
 
 
-def _parse_knowedit(f: _Fields, dataset: str) -> EditRecord:
+def _easyedit_record(f: _Fields, dataset: str, rephrase: Callable[[_Fields], tuple[str, ...]],
+                     locality: Callable[[_Fields], tuple[tuple[str, ...], tuple[str, ...]]]) -> EditRecord:
+    """An EasyEdit-style record; `rephrase` and `locality` read the fields that differ by subset."""
     subject, prompt, target_new = f.string("subject"), f.string("prompt"), f.string("target_new")
     target_true = f.first_answer("ground_truth", f.get("ground_truth"))
+    rephrase_prompts = rephrase(f)
+    loc_prompts, loc_answers = locality(f)
+    return EditRecord(case_id=f.case_id(), dataset=dataset, subject=subject, prompt=prompt,
+                      target_new=target_new, target_true=target_true, rephrase_prompts=rephrase_prompts,
+                      loc_prompts=loc_prompts, loc_answers=loc_answers)
+
+
+def _parse_knowedit(f: _Fields, dataset: str) -> EditRecord:
     # Some KnowEdit subsets (e.g. WikiBio) have no rephrase; ZsRE/CF subsets always do.
-    rephrase = f.strings("rephrase_prompt") if "rephrase_prompt" in f.record else ()
-    loc_prompts, loc_answers = _knowedit_locality(f)
-    return EditRecord(
-        case_id=f.case_id(),
-        dataset=dataset,
-        subject=subject,
-        prompt=prompt,
-        target_new=target_new,
-        target_true=target_true,
-        rephrase_prompts=rephrase,
-        loc_prompts=loc_prompts,
-        loc_answers=loc_answers,
-    )
+    return _easyedit_record(f, dataset, lambda g: g.strings("rephrase_prompt") if "rephrase_prompt" in g.record else (),
+                            _knowedit_locality)
 
 
 def _parse_counterfact_easyedit(f: _Fields, dataset: str) -> EditRecord:
-    subject, prompt, target_new = f.string("subject"), f.string("prompt"), f.string("target_new")
-    target_true = f.first_answer("ground_truth", f.get("ground_truth"))
-    rephrase = f.strings("rephrase_prompt")
-    loc_prompts, loc_answers = _paired(f, "locality_prompt", "locality_ground_truth")
-    return EditRecord(
-        case_id=f.case_id(),
-        dataset=dataset,
-        subject=subject,
-        prompt=prompt,
-        target_new=target_new,
-        target_true=target_true,
-        rephrase_prompts=rephrase,
-        loc_prompts=loc_prompts,
-        loc_answers=loc_answers,
-    )
+    return _easyedit_record(f, dataset, lambda g: g.strings("rephrase_prompt"),
+                            lambda g: _paired(g, "locality_prompt", "locality_ground_truth"))
 
 
 def _rome_target(rewrite: _Fields, key: str) -> str:

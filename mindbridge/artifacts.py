@@ -65,6 +65,30 @@ def check_seal(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     return meta
 
 
+def open_llm_artifact(directory: str | Path, kind: str, what: str, identity: dict[str, Any], redo: str) -> dict:
+    """The manifest of an artifact built inside one LLM (a NeuralDB, WISE side memories), refused in
+    one sentence when it is missing, not JSON, edited, of another kind or built for another LLM
+    (`redo`: how to build one for this LLM)."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise ArtifactError(f"No {what} at {directory}: manifest.json is missing.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ArtifactError(f"The {what} at {directory} is corrupt: manifest.json is not valid JSON.") from None
+    check_seal(manifest, path)
+    if manifest.get("kind") != kind:
+        raise ArtifactError(f"{directory} is not a {what} (manifest kind {manifest.get('kind')!r}).")
+    built = manifest.get("llm") or {}
+    for key in ("config_hash", "weights"):
+        if built.get(key) != identity.get(key):
+            raise ArtifactError(f"The {what} at {directory} was built for LLM '{built.get('name')}' "
+                                f"({key} {str(built.get(key))[:12]}) but the loaded LLM '{identity.get('name')}' "
+                                f"has {key} {str(identity.get(key))[:12]}; {redo}.")
+    return manifest
+
+
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -6,7 +6,7 @@ serves Llama, Gemma, GPT-2, GPT-J and MoE layouts without per-architecture branc
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+from typing import Callable, ContextManager, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -213,6 +213,24 @@ class PlainLM:
     def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None):
         with without_adapters(self.model):
             return causal_logits(self.model, input_ids, attention_mask, keep)
+
+
+class SwitchedOffLM(PlainLM):
+    """The unedited model: an LLM that carries an edit, scored with the edit switched off.
+
+    `switch_off()` returns a context manager inside which the LLM computes its original function
+    (NeuralDB's gate disabled, WISE's router pinned to the main memory).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 switch_off: Callable[[], ContextManager]):
+        super().__init__(model, tokenizer)
+        self.switch_off = switch_off
+
+    @torch.no_grad()
+    def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None):
+        with self.switch_off():
+            return super().logits(prompts, input_ids, attention_mask, keep, answer_lengths)
 
 
 class PromptKVStore:

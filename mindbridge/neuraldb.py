@@ -39,9 +39,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mindbridge.artifacts import ArtifactError, check_seal, read_or_refuse, sealed
+from mindbridge.artifacts import ArtifactError, open_llm_artifact, read_or_refuse, sealed
 from mindbridge.atomic import write_dir_atomically
-from mindbridge.lm import PlainLM, causal_logits, lm_head_only_at
+from mindbridge.lm import SwitchedOffLM, causal_logits, lm_head_only_at
 from mindbridge.loading import model_identity, tensors_fingerprint
 from mindbridge.tokenization import _left_pad, encode_target, position_ids_for, prompt_batch
 
@@ -657,19 +657,6 @@ def calibrate_gamma(in_scope: torch.Tensor, out_of_scope: torch.Tensor, in_quant
 # --------------------------------------------------------------------------- the database
 
 
-class GateOffLM(PlainLM):
-    """The unedited model: the LLM that carries the gate, with the gate switched off."""
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gate: GatedFFNOut):
-        super().__init__(model, tokenizer)
-        self.gate = gate
-
-    @torch.no_grad()
-    def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None):
-        with self.gate.disabled():
-            return super().logits(prompts, input_ids, attention_mask, keep, answer_lengths)
-
-
 _STAT_FIELDS = ("cos_loo", "cos_subject", "final_loss", "final_nll", "steps", "subject_found")
 
 
@@ -925,9 +912,9 @@ class NeuralDB:
 
     # ---- using it -----------------------------------------------------------------------------
     @property
-    def unedited(self) -> GateOffLM:
+    def unedited(self) -> SwitchedOffLM:
         """The same LLM with the gate off, for the evaluator's reference."""
-        return GateOffLM(self.model, self.tokenizer, self.gate)
+        return SwitchedOffLM(self.model, self.tokenizer, self.gate.disabled)
 
     @torch.no_grad()
     def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None) -> torch.Tensor:
@@ -982,24 +969,9 @@ class NeuralDB:
         """Attach a saved database to `model`; refused if it was built for another LLM."""
         from safetensors.torch import load_file
         directory = Path(directory)
-        manifest_path = directory / "manifest.json"
-        if not manifest_path.is_file():
-            raise ArtifactError(f"No NeuralDB at {directory}: {manifest_path.name} is missing.")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ArtifactError(f"The NeuralDB at {directory} is corrupt: manifest.json is not valid JSON.") from None
-        check_seal(manifest, manifest_path)
-        if manifest.get("kind") != "neuraldb":
-            raise ArtifactError(f"{directory} is not a NeuralDB (manifest kind {manifest.get('kind')!r}).")
         identity = llm_identity or model_identity(model, llm_name or type(model).__name__)
-        built = manifest["llm"]
-        for key in ("config_hash", "weights"):
-            if built.get(key) != identity.get(key):
-                raise ArtifactError(f"The NeuralDB at {directory} was built for LLM '{built.get('name')}' "
-                                    f"({key} {str(built.get(key))[:12]}) but the loaded LLM '{identity.get('name')}' "
-                                    f"has {key} {str(identity.get(key))[:12]}; build a database for this LLM "
-                                    "with stage=neuraldb.")
+        manifest = open_llm_artifact(directory, "neuraldb", "NeuralDB", identity,
+                                     "build a database for this LLM with stage=neuraldb")
         if not (directory / TENSORS_FILE).is_file() or not (directory / "facts.jsonl").is_file():
             raise ArtifactError(f"The NeuralDB at {directory} is incomplete: {TENSORS_FILE} or facts.jsonl is missing.")
         tensors = read_or_refuse("The NeuralDB's tensors", directory / TENSORS_FILE,

@@ -42,9 +42,9 @@ from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
-from mindbridge.artifacts import ArtifactError
+from mindbridge.artifacts import ArtifactError, open_llm_artifact, read_or_refuse, sealed
 from mindbridge.atomic import write_dir_atomically
-from mindbridge.lm import PlainLM, causal_logits, lm_head_only_at
+from mindbridge.lm import SwitchedOffLM, causal_logits, lm_head_only_at
 from mindbridge.loading import model_identity, tensors_fingerprint
 from mindbridge.neuraldb import (OUT_PROJECTIONS, Fact, FFNSite, StopForward, decoder_layers, generate_prefixes,
                                  locate_ffn)
@@ -852,8 +852,8 @@ class WISE:
 
     # ---- inference ---------------------------------------------------------------------------
     @property
-    def unedited(self) -> "MainMemoryLM":
-        return MainMemoryLM(self.model, self.tokenizer, self.wrapper)
+    def unedited(self) -> SwitchedOffLM:
+        return SwitchedOffLM(self.model, self.tokenizer, lambda: self.wrapper.set_mode("main"))
 
     @torch.no_grad()
     def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None) -> torch.Tensor:
@@ -954,7 +954,7 @@ class WISE:
                         "generator_state": self.generator.get_state().tolist(),
                         "tensors_sha256": tensors_fingerprint(tensors),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+            (tmp / "manifest.json").write_text(json.dumps(sealed(manifest), indent=2, default=str), encoding="utf-8")
         return write_dir_atomically(Path(directory), write)
 
     @classmethod
@@ -963,25 +963,12 @@ class WISE:
         """Attach saved side memories to `model`; refused if they were built for another LLM."""
         from safetensors.torch import load_file
         directory = Path(directory)
-        path = directory / "manifest.json"
-        if not path.is_file():
-            raise ArtifactError(f"No WISE side memory at {directory}: manifest.json is missing.")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ArtifactError(f"The WISE side memory at {directory} is corrupt: manifest.json is not valid JSON.") from None
-        if manifest.get("kind") != "wise":
-            raise ArtifactError(f"{directory} is not a WISE side memory (manifest kind {manifest.get('kind')!r}).")
         identity = llm_identity or model_identity(model, llm_name or type(model).__name__)
-        built = manifest["llm"]
-        for key in ("config_hash", "weights"):
-            if built.get(key) != identity.get(key):
-                raise ArtifactError(f"The WISE side memory at {directory} was built for LLM '{built.get('name')}' "
-                                    f"({key} {str(built.get(key))[:12]}) but the loaded LLM '{identity.get('name')}' "
-                                    f"has {key} {str(identity.get(key))[:12]}; edit this LLM with stage=wise.")
+        manifest = open_llm_artifact(directory, "wise", "WISE side memory", identity, "edit this LLM with stage=wise")
         if not (directory / TENSORS_FILE).is_file():
             raise ArtifactError(f"The WISE side memory at {directory} is incomplete: {TENSORS_FILE} is missing.")
-        tensors = load_file(str(directory / TENSORS_FILE))
+        tensors = read_or_refuse("The WISE side memory's tensors", directory / TENSORS_FILE,
+                                 lambda: load_file(str(directory / TENSORS_FILE)))
         if tensors_fingerprint(tensors) != manifest["tensors_sha256"]:
             raise ArtifactError(f"The tensors in {directory / TENSORS_FILE} do not match the hash in its manifest; "
                                 "the side memory was modified after it was written.")
@@ -1005,16 +992,3 @@ class WISE:
                          if line.strip()] if path_edits.is_file() else []
         wise._sync_candidates()
         return wise
-
-
-class MainMemoryLM(PlainLM):
-    """The unedited model: the LLM that carries WISE, always through the main memory."""
-
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, wrapper: WISELayer):
-        super().__init__(model, tokenizer)
-        self.wrapper = wrapper
-
-    @torch.no_grad()
-    def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None):
-        with self.wrapper.set_mode("main"):
-            return super().logits(prompts, input_ids, attention_mask, keep, answer_lengths)

@@ -423,13 +423,28 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     other, other_tok = _load("tiny_llama", seed=1)
     with pytest.raises(ArtifactError, match="built for LLM"):
         WISE.load(out, other, other_tok, llm_name="tiny_llama")
+    with pytest.raises(ArtifactError, match="missing"):
+        WISE.load(tmp_path / "nothing", model, tok, llm_identity=identity)
+    # Tensors changed after writing: their hash no longer matches the manifest.
+    tensors_file = out / "wise.safetensors"
+    original = tensors_file.read_bytes()
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(tensors_file))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(tensors_file))
+    with pytest.raises(ArtifactError, match="modified after it was written"):
+        WISE.load(out, model, tok, llm_identity=identity)
+    tensors_file.write_bytes(original[: len(original) // 2])          # truncated: one sentence, no trace
+    with pytest.raises(ArtifactError, match="truncated or corrupt"):
+        WISE.load(out, model, tok, llm_identity=identity)
+    tensors_file.write_bytes(original)
+    # The manifest is sealed: editing it (say, to make a tampered tensor file pass) is refused.
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["tensors_sha256"] = "0" * 64
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="modified"):
+    with pytest.raises(ArtifactError, match="edited after it was written"):
         WISE.load(out, model, tok, llm_identity=identity)
-    with pytest.raises(ArtifactError, match="missing"):
-        WISE.load(tmp_path / "nothing", model, tok, llm_identity=identity)
 
 
 def test_bad_hyperparameters_are_one_sentence():
