@@ -151,12 +151,6 @@ class OfflineSweep:
             program = Path(__file__).resolve().parents[1] / program
         return str(program.resolve())
 
-    def launch(self, params: dict[str, Any]) -> dict:
-        """Run train.py once as a subprocess and wait; returns the run's record (state, metric, paths)."""
-        running = self.start(params)
-        running.proc.wait()
-        return self.finish(running)
-
     def start(self, params: dict[str, Any]) -> "_Running":
         """Start train.py for these parameters (a subprocess with the agent's environment)."""
         from wandb.sdk.lib.config_util import save_config_file_from_dict
