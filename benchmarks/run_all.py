@@ -47,11 +47,27 @@ SCRIPTS = {
 QUICK_TRAIN = ["debug=fast"]
 
 
+RUN_RECORD = "benchmark_run.json"
+
+
 def run_train(overrides: list[str], run_dir: Path, threads: int) -> dict:
-    """`python train.py <overrides>` as a child process: its metrics, wall-clock and own peak RSS."""
+    """`python train.py <overrides>` as a child process: its metrics, wall-clock and own peak RSS.
+
+    The result is kept in `<run_dir>/benchmark_run.json`; running the benchmark again with the same
+    command reuses a finished run (`"reused": true`) instead of training it again, so an
+    interrupted hours-long benchmark resumes where it stopped."""
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(ROOT / "train.py"), *overrides, f"threads={threads}", "logger=none",
             "callbacks.progress=null", "print_table=false", f"hydra.run.dir={run_dir}"]
+    record = run_dir / RUN_RECORD
+    if record.is_file():
+        try:
+            done = json.loads(record.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            done = {}                                   # cut short while being written: run again
+        if done.get("ok") and done.get("command", [None])[1:] == argv[1:]:
+            return {**done, "reused": True}
+        record.unlink()
     start = time.perf_counter()
     with open(run_dir / "train.log", "w", encoding="utf-8") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -62,8 +78,10 @@ def run_train(overrides: list[str], run_dir: Path, threads: int) -> dict:
     if proc.returncode != 0 or not metrics_file.is_file():
         tail = (run_dir / "train.log").read_text(encoding="utf-8").strip().splitlines()[-1:]
         return {"ok": False, "exit_code": proc.returncode, "command": argv, "error": tail[0] if tail else ""}
-    return {"ok": True, "command": argv, "process_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "metrics": json.loads(metrics_file.read_text(encoding="utf-8"))}
+    result = {"ok": True, "reused": False, "command": argv, "process_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+              "metrics": json.loads(metrics_file.read_text(encoding="utf-8"))}
+    write_result(record, result)
+    return result
 
 
 def added_footprint(method: str, metrics: dict, run_dir: Path) -> dict:
@@ -142,7 +160,7 @@ def methods_benchmark(args, out_dir: Path) -> dict:
                 res = run_train([f"stage={METHOD_STAGES[method]}", f"llm={args.llm_b}", *base], run_dir, args.threads)
                 key = "train_seconds"
             m = res.get("metrics") or {}
-            cross[method] = {"ok": res["ok"], "what": "bridge the existing memory" if method == "mindbridge"
+            cross[method] = {"ok": res["ok"], "reused": bool(res.get("reused")), "what": "bridge the existing memory" if method == "mindbridge"
                              else "redo every edit", "seconds": m.get(key), "peak_rss_mb": res.get("peak_rss_mb"),
                              **{k: m.get(k) for k in ("rel", "gen", "loc", "avg")},
                              **({} if res["ok"] else {"error": res.get("error")})}

@@ -166,3 +166,12 @@ def test_benchmarks_run_all_writes_method_costs(tmp_path):
     cross = result["cross_model"]["mindbridge"]
     assert cross["ok"] and cross["what"] == "bridge the existing memory" and cross["seconds"] > 0
     assert "| mindbridge |" in (tmp_path / "methods.md").read_text()
+    assert not row.get("reused") and not cross.get("reused")
+    # Run again: both finished train.py runs are reused (an interrupted benchmark resumes), and a
+    # run recorded for another command is trained again.
+    assert run_all.main(["--quick", "--only", "methods", "--methods", "mindbridge", "--threads", "1",
+                         "--latency-prompts", "1", "--repeats", "1", "--tokens", "2", "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "methods.json").read_text())
+    assert again["methods"]["mindbridge"]["reused"] and again["cross_model"]["mindbridge"]["reused"]
+    assert again["methods"]["mindbridge"]["process_seconds"] == row["process_seconds"]
+    assert again["methods"]["mindbridge"]["rel"] == row["rel"]
