@@ -96,6 +96,8 @@ def load_run(metrics_file: Path, root: Path) -> dict[str, Any]:
         overrides["llm"] = run_dir.name
         run.setdefault("llm", run_dir.name)
     run["overrides"] = overrides
+    if run.get("encoder") == "none":     # a baseline: the config's encoder group was composed but not used
+        run["encoder_label"] = "none"
     run.setdefault("encoder_label", run.get("encoder"))
     return run
 

@@ -71,7 +71,8 @@ def test_method_table_averages_cells_and_counts_runs(tmp_path):
     fake_run(root, "mb0", ["data=zsre"], **scores(90, 60, 80))
     fake_run(root, "mb1", ["data=zsre"], **scores(80, 50, 90))
     fake_run(root, "mb2", ["data=counterfact"], dataset="counterfact", **scores(70, 40, 60))
-    fake_run(root, "db0", ["stage=neuraldb"], method="neuraldb", **scores(99, 40, 95))
+    fake_run(root, "db0", ["stage=neuraldb"], {"encoder": {"name": "minilm", "source": "minilm_package"}},
+             method="neuraldb", encoder="none", **scores(99, 40, 95))
     fake_run(root, "pretrain-only", ["stage=pretrain"], method="mindbridge")     # no scores: not a row
     tables = {t.name: t for t in report.build_tables(report.collect_runs([root]))}
     rows = {r["method"]: r for r in tables["methods"].records()}
@@ -81,6 +82,9 @@ def test_method_table_averages_cells_and_counts_runs(tmp_path):
     assert rows["neuraldb"]["counterfact Rel"] is None and rows["neuraldb"]["runs"] == 1
     assert "ablation" not in tables and "llms" not in tables     # nothing varied the losses or the LLM
     assert "| neuraldb | – | – | – | – | 99.00 |" in tables["methods"].markdown()   # counterfact first
+    # A baseline composes the default encoder group but uses none: the runs table says so.
+    encoders = {r["run"]: r["encoder"] for r in tables["runs"].records()}
+    assert encoders["db0"] == "none" and encoders["mb0"] == "minilm"
 
 
 def test_per_llm_table_includes_crossmodel_sub_runs(tmp_path):
