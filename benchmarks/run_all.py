@@ -78,8 +78,8 @@ def run_train(overrides: list[str], run_dir: Path, threads: int) -> dict:
     if proc.returncode != 0 or not metrics_file.is_file():
         tail = (run_dir / "train.log").read_text(encoding="utf-8").strip().splitlines()[-1:]
         return {"ok": False, "exit_code": proc.returncode, "command": argv, "error": tail[0] if tail else ""}
-    result = {"ok": True, "reused": False, "command": argv, "process_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
-              "metrics": json.loads(metrics_file.read_text(encoding="utf-8"))}
+    result = {"ok": True, "reused": False, "command": argv, "process_seconds": wall,
+              "peak_rss_mb": usage.ru_maxrss / 1024, "metrics": json.loads(metrics_file.read_text(encoding="utf-8"))}
     write_result(record, result)
     return result
 
@@ -160,8 +160,9 @@ def methods_benchmark(args, out_dir: Path) -> dict:
                 res = run_train([f"stage={METHOD_STAGES[method]}", f"llm={args.llm_b}", *base], run_dir, args.threads)
                 key = "train_seconds"
             m = res.get("metrics") or {}
-            cross[method] = {"ok": res["ok"], "reused": bool(res.get("reused")), "what": "bridge the existing memory" if method == "mindbridge"
-                             else "redo every edit", "seconds": m.get(key), "peak_rss_mb": res.get("peak_rss_mb"),
+            cross[method] = {"ok": res["ok"], "reused": bool(res.get("reused")),
+                             "what": "bridge the existing memory" if method == "mindbridge" else "redo every edit",
+                             "seconds": m.get(key), "peak_rss_mb": res.get("peak_rss_mb"),
                              **{k: m.get(k) for k in ("rel", "gen", "loc", "avg")},
                              **({} if res["ok"] else {"error": res.get("error")})}
         mb = cross.get("mindbridge", {}).get("seconds")
