@@ -32,6 +32,10 @@ BUNDLED_DEFAULTS: dict[str, str] = {
     "zsre": "zsre/zsre_mend_eval_portability_gpt4.json",
     "counterfact": "counterfact/counterfact-edit.json",
     "counterfact_pool": "counterfact/counterfact-train.json",
+    # The same CounterFact facts in ROME/MEMIT form: real paraphrases (2) and neighbourhood prompts
+    # (10) per record. The flat file's `rephrase_prompt` is mostly a generation prompt (see PROVENANCE.md).
+    "counterfact_rome": "counterfact/counterfact_portability_gpt4.json",
+    "counterfact_rome_pool": "counterfact/counterfact-train.json",
 }
 
 FORMATS: tuple[str, ...] = ("zsre_mend", "knowedit", "counterfact_easyedit", "counterfact_rome")

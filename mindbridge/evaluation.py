@@ -5,6 +5,11 @@ pass, and score the fraction of target tokens whose argmax prediction is right (
 plus exact match (all target tokens right). `loc` is the token agreement between the edited and
 the unedited model on `loc_prompt + " " + loc_answer` at the answer positions; `loc_correct`
 is the other definition in the literature (agreement with the gold answer).
+
+CounterFact records are also scored with the probability comparison of ROME/MEMIT/NeuralDB
+(`rel_prob`, `gen_prob`, `loc_prob`; NeuralDB Eqs. 13-15): per prompt, is the per-token mean NLL
+of the new object below that of the true one (for locality: is the true answer still preferred
+over the new object)? This asks less than token accuracy: the new object need only beat the old.
 """
 from __future__ import annotations
 
@@ -38,10 +43,17 @@ def scoring_items(records: Sequence) -> list[ScoringItem]:
     return items
 
 
-def token_predictions(lm: ScorableLM, items: Sequence[ScoringItem], batch_size: int,
-                      progress: Callable[[int], None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Argmax predictions at the target positions and the target tokens, per item."""
-    out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(items)  # type: ignore[list-item]
+@dataclass(frozen=True)
+class TargetScore:
+    pred: torch.Tensor   # argmax token at each target position
+    gold: torch.Tensor   # the target's tokens
+    nll: float           # mean negative log-likelihood of the target's tokens
+
+
+def score_targets(lm: ScorableLM, items: Sequence[ScoringItem], batch_size: int,
+                  progress: Callable[[int], None] | None = None) -> list[TargetScore]:
+    """Teacher-forced argmax and mean target NLL of every item, one forward pass per batch."""
+    out: list[TargetScore] = [None] * len(items)  # type: ignore[list-item]
     # Batches of similar length waste less padding.
     order = sorted(range(len(items)), key=lambda k: len(items[k].prompt) + len(items[k].target))
     for start in range(0, len(order), batch_size):
@@ -49,14 +61,36 @@ def token_predictions(lm: ScorableLM, items: Sequence[ScoringItem], batch_size: 
         batch = teacher_forced_batch(lm.tokenizer, [items[k].prompt for k in idx], [items[k].target for k in idx])
         with torch.no_grad():
             logits = lm.logits([items[k].prompt for k in idx], batch.input_ids, batch.attention_mask, batch.keep,
-                               batch.target_mask.sum(1))
-        pred = logits[:, :-1].argmax(-1)
+                               batch.target_mask.sum(1))[:, :-1].float()
+        pred = logits.argmax(-1)
+        logprobs = logits.log_softmax(-1)
         for row, k in enumerate(idx):
             m = batch.target_mask[row]
-            out[k] = (pred[row][m].cpu(), batch.target_ids[row][m])
+            gold = batch.target_ids[row][m]
+            nll = -logprobs[row][m].gather(-1, gold.to(logprobs.device)[:, None]).mean().item()
+            out[k] = TargetScore(pred[row][m].cpu(), gold, nll)
         if progress is not None:
             progress(len(idx))
     return out
+
+
+def token_predictions(lm: ScorableLM, items: Sequence[ScoringItem], batch_size: int,
+                      progress: Callable[[int], None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Argmax predictions at the target positions and the target tokens, per item."""
+    return [(s.pred, s.gold) for s in score_targets(lm, items, batch_size, progress)]
+
+
+def is_counterfactual(records: Sequence) -> bool:
+    """CounterFact records: each has a true object the new one must beat (probability comparison)."""
+    return bool(records) and all(str(r.dataset).startswith("counterfact") and r.target_true for r in records)
+
+
+def rival_items(records: Sequence, items: Sequence[ScoringItem]) -> list[ScoringItem]:
+    """For each item, the same prompt with the answer it is compared against: the true object for
+    edit and paraphrase prompts, the new object for locality prompts."""
+    return [ScoringItem(it.record, it.kind, it.prompt,
+                        records[it.record].target_new if it.kind == "loc" else records[it.record].target_true)
+            for it in items]
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -77,8 +111,10 @@ def evaluate_edits(edited: ScorableLM, base: ScorableLM, records: Sequence, batc
                    progress: Callable[[int], None] | None = None) -> dict[str, float | str]:
     """Score `edited` against `base` on the records' edit, paraphrase and locality prompts."""
     items = scoring_items(records)
-    post = token_predictions(edited, items, batch_size, progress)
-    pre = token_predictions(base, items, batch_size, progress)
+    post_scores = score_targets(edited, items, batch_size, progress)
+    pre_scores = score_targets(base, items, batch_size, progress)
+    post = [(s.pred, s.gold) for s in post_scores]
+    pre = [(s.pred, s.gold) for s in pre_scores]
 
     def acc(pred, gold):
         return (pred == gold).float().mean().item()
@@ -100,6 +136,15 @@ def evaluate_edits(edited: ScorableLM, base: ScorableLM, records: Sequence, batc
     metrics["loc_correct"] = _mean(_per_record(items, [acc(p, g) for p, g in post], "loc").values())
     metrics["pre_loc_correct"] = _mean(_per_record(items, [acc(p, g) for p, g in pre], "loc").values())
     metrics["avg"] = (metrics["rel"] + metrics["gen"] + metrics["loc"]) / 3
+    if is_counterfactual(records):
+        rivals = rival_items(records, items)
+        for prefix, lm, scores in (("", edited, post_scores), ("pre_", base, pre_scores)):
+            rival = score_targets(lm, rivals, batch_size, progress)
+            # rel/gen: the new object is more likely than the true one; loc: the true answer still
+            # wins over the new object (NeuralDB's Specificity).
+            wins = [float(s.nll < r.nll) for s, r in zip(scores, rival)]
+            for kind in ("rel", "gen", "loc"):
+                metrics[f"{prefix}{kind}_prob"] = _mean(_per_record(items, wins, kind).values())
     metrics["num_scored_prompts"] = len(items)
     metrics["protocol"] = PROTOCOL
     return metrics

@@ -31,6 +31,8 @@ from typing import Any, Iterable
 import yaml
 
 METRICS = ("rel", "gen", "loc", "avg")
+# CounterFact's probability comparison (NeuralDB Eqs. 13-15), present only for CounterFact runs.
+PROB_METRICS = ("rel_prob", "gen_prob", "loc_prob")
 LOSSES = ("inject", "associate", "exist")
 # Paper Table 2 row names and order.
 ABLATION_ROWS = {("inject",): "L_inject", ("inject", "associate"): "+ L_associate",
@@ -169,11 +171,11 @@ def _grouped(runs: list[dict], row_key, col_key) -> tuple[list, list, dict]:
 
 
 def _pivot(name: str, title: str, runs: list[dict], row_names: list[str], row_key, col_key,
-           row_order: list | None = None) -> Table:
+           row_order: list | None = None, metrics: tuple[str, ...] = METRICS) -> Table:
     rows, cols, cells = _grouped(runs, row_key, col_key)
     if row_order is not None:
         rows = [r for r in row_order if r in rows]
-    columns = [*row_names] + [f"{c} {m.capitalize()}" for c in cols for m in METRICS] + ["runs"]
+    columns = [*row_names] + [f"{c} {m.capitalize()}" for c in cols for m in metrics] + ["runs"]
     body = []
     for row in rows:
         line = list(row) if isinstance(row, tuple) else [row]
@@ -181,7 +183,7 @@ def _pivot(name: str, title: str, runs: list[dict], row_names: list[str], row_ke
         for c in cols:
             group = cells.get((row, c), [])
             n += len(group)
-            line += [_mean([g[m] for g in group]) if group else None for m in METRICS]
+            line += [_mean([g[m] for g in group]) if group else None for m in metrics]
         body.append(line + [n])
     return Table(name, title, columns, body)
 
@@ -199,6 +201,16 @@ def runs_table(runs: list[dict]) -> Table:
 def methods_table(runs: list[dict]) -> Table:
     return _pivot("methods", "Method x dataset (Rel / Gen / Loc / Avg, %)", runs, ["method"],
                   lambda r: r.get("method"), lambda r: r.get("dataset"))
+
+
+def probability_table(runs: list[dict]) -> Table | None:
+    """CounterFact runs scored as NeuralDB / ROME do: does the new object beat the true one?"""
+    runs = [r for r in runs if all(isinstance(r.get(m), (int, float)) for m in PROB_METRICS)]
+    if not runs:
+        return None
+    return _pivot("counterfact_prob", "CounterFact probability comparison (NeuralDB Efficacy / "
+                  "Generalization / Specificity, %)", runs, ["method"], lambda r: r.get("method"),
+                  lambda r: r.get("dataset"), metrics=PROB_METRICS)
 
 
 def losses_on(run: dict) -> tuple[str, ...] | None:
@@ -231,7 +243,7 @@ def llms_table(runs: list[dict]) -> Table | None:
 
 def build_tables(runs: list[dict]) -> list[Table]:
     tables = [runs_table(runs), methods_table(runs)]
-    tables += [t for t in (ablation_table(runs), llms_table(runs)) if t is not None]
+    tables += [t for t in (probability_table(runs), ablation_table(runs), llms_table(runs)) if t is not None]
     return tables
 
 

@@ -173,3 +173,55 @@ def test_records_without_paraphrases_or_locality(tokenizer) -> None:
     assert m["rel"] == pytest.approx(100.0) and m["pre_rel"] == pytest.approx(0.0)
     assert math.isnan(m["gen"]) and math.isnan(m["loc"]) and math.isnan(m["avg"])
     assert m["num_scored_prompts"] == 1
+
+
+class PreferringLM:
+    """A `ScorableLM` that, after each prompt, puts a high logit on every token of one answer."""
+
+    def __init__(self, tokenizer, prefer: dict[str, str]):
+        self.tokenizer, self.prefer = tokenizer, prefer
+
+    def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None):
+        out = torch.zeros(len(prompts), keep, len(self.tokenizer))
+        for b, prompt in enumerate(prompts):
+            out[b, :, encode_target(self.tokenizer, self.prefer[prompt])] = 10.0
+        return out
+
+
+def _counterfact_records():
+    ra = EditRecord(case_id="0", dataset="counterfact", subject="Danielle Darrieux",
+                    prompt="The mother tongue of Danielle Darrieux is", target_new="English", target_true="French",
+                    rephrase_prompts=("Danielle Darrieux spoke", "Danielle Darrieux's native language is"),
+                    loc_prompts=("Michel Rocard is a native speaker of", "Jean Dujardin speaks"),
+                    loc_answers=("French", "French"))
+    rb = EditRecord(case_id="1", dataset="counterfact_rome", subject="Toko Yasuda", prompt="Toko Yasuda plays the",
+                    target_new="piano", target_true="guitar", rephrase_prompts=("Toko Yasuda is known for playing the",),
+                    loc_prompts=("John Lennon plays the",), loc_answers=("guitar",))
+    return [ra, rb]
+
+
+def test_counterfact_probability_comparison(tokenizer) -> None:
+    """NeuralDB's CounterFact scores: the new object must beat the true one (rel/gen), and the true
+    answer must still beat the new object on neighbourhood prompts (loc)."""
+    edited = PreferringLM(tokenizer, {
+        "The mother tongue of Danielle Darrieux is": "English", "Danielle Darrieux spoke": "English",
+        "Danielle Darrieux's native language is": "French", "Michel Rocard is a native speaker of": "French",
+        "Jean Dujardin speaks": "English", "Toko Yasuda plays the": "guitar",
+        "Toko Yasuda is known for playing the": "piano", "John Lennon plays the": "guitar"})
+    records = _counterfact_records()
+    base = PreferringLM(tokenizer, {p: r.target_true for r in records
+                                    for p in (r.prompt, *r.rephrase_prompts, *r.loc_prompts)})
+    seen = []
+    m = evaluate_edits(edited, base, records, batch_size=3, progress=seen.append)
+    assert sum(seen) == 4 * 8    # each model scores the 8 prompts with both answers
+    assert m["rel_prob"] == pytest.approx(50.0)     # ra wins, rb does not
+    assert m["gen_prob"] == pytest.approx(75.0)     # ra mean(1, 0), rb 1
+    assert m["loc_prob"] == pytest.approx(75.0)     # ra mean(1, 0), rb 1
+    assert (m["pre_rel_prob"], m["pre_gen_prob"], m["pre_loc_prob"]) == pytest.approx((0.0, 0.0, 100.0))
+    # Token accuracy is scored as before, beside them.
+    assert m["rel"] == pytest.approx(50.0) and m["pre_rel"] == pytest.approx(0.0)
+
+
+def test_probability_comparison_only_for_counterfact(tokenizer) -> None:
+    m = evaluate_edits(ScriptedLM(tokenizer, EDITED), ScriptedLM(tokenizer, BASE), _records())
+    assert not [k for k in m if k.endswith("_prob")]

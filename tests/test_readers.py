@@ -177,6 +177,20 @@ def test_bundled_counterfact_rome_first_record() -> None:
     assert len(rec.attribute_prompts) == 10 and len(rec.generation_prompts) == 10
 
 
+def test_bundled_counterfact_rome_has_the_flat_facts_with_real_paraphrases() -> None:
+    """`data=counterfact_rome`: the same facts as the flat file, but the flat file's one "rephrase"
+    is mostly one of CounterFact's generation prompts, not a paraphrase (README, Data rules)."""
+    rome = read_records(bundled_path(BUNDLED_DEFAULTS["counterfact_rome"]), "counterfact_rome", dedupe=False)
+    flat = {r.case_id: r for r in read_records(bundled_path(BUNDLED_DEFAULTS["counterfact"]), dedupe=False)}
+    assert len(rome) == 1031 and all(r.case_id in flat for r in rome)
+    assert all(flat[r.case_id].target_new == r.target_new for r in rome)
+    flat_rephrase = [flat[r.case_id].rephrase_prompts[0] for r in rome]
+    assert sum(p in r.generation_prompts for p, r in zip(flat_rephrase, rome)) == 858
+    assert sum(p in r.rephrase_prompts for p, r in zip(flat_rephrase, rome)) == 173
+    pool = read_records(bundled_path(BUNDLED_DEFAULTS["counterfact_rome_pool"]), dedupe=False)
+    assert not {r.case_id for r in rome} & {r.case_id for r in pool}
+
+
 def test_bundled_defaults_exist() -> None:
     for relpath in BUNDLED_DEFAULTS.values():
         assert bundled_path(relpath).is_file()

@@ -87,6 +87,23 @@ def test_method_table_averages_cells_and_counts_runs(tmp_path):
     assert encoders["db0"] == "none" and encoders["mb0"] == "minilm"
 
 
+def test_counterfact_probability_table_only_from_runs_that_have_it(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "zs", ["data=zsre"], **scores(90, 60, 80))
+    prob = {"rel_prob": 99.0, "gen_prob": 80.0, "loc_prob": 90.0}
+    fake_run(root, "cf0", ["data=counterfact_rome"], dataset="counterfact_rome", method="neuraldb",
+             **scores(90, 30, 99), **prob)
+    fake_run(root, "cf1", ["data=counterfact_rome", "seed=1"], dataset="counterfact_rome", method="neuraldb",
+             **scores(92, 34, 97), **{**prob, "gen_prob": 90.0})
+    tables = {t.name: t for t in report.build_tables(report.collect_runs([root]))}
+    rows = tables["counterfact_prob"].records()
+    assert rows == [{"method": "neuraldb", "counterfact_rome Rel_prob": 99.0, "counterfact_rome Gen_prob": 85.0,
+                     "counterfact_rome Loc_prob": 90.0, "runs": 2}]
+    only_zsre = tmp_path / "zsre_only"
+    fake_run(only_zsre, "zs", ["data=zsre"], **scores(90, 60, 80))
+    assert "counterfact_prob" not in {t.name for t in report.build_tables(report.collect_runs([only_zsre]))}
+
+
 def test_per_llm_table_includes_crossmodel_sub_runs(tmp_path):
     root = tmp_path / "runs"
     parent = fake_run(root, "xm", ["stage=crossmodel", "stage.llms=[smollm2,gemma3]"], llms="smollm2,gemma3")
