@@ -147,7 +147,7 @@ def neuraldb(ctx) -> None:
         oos = [o.prompt for o in dm.out_of_scope][:int(hp.calibration.max_prompts)]
         if hp.gamma is None:
             c = hp.calibration
-            db.calibrate(oos, c.in_scope, c.in_quantile, c.out_quantile, c.position)
+            db.calibrate(oos, c.in_scope, c.in_quantile, c.out_quantile, c.position, c.get("relaxed_out_quantile"))
         calibration_seconds = time.perf_counter() - start
 
         diag = _fire_rates(db, dm.edits, facts, oos)

@@ -627,20 +627,25 @@ def quantile(x: torch.Tensor, q: float) -> float:
 
 
 def calibrate_gamma(in_scope: torch.Tensor, out_of_scope: torch.Tensor, in_quantile: float = 0.1,
-                    out_quantile: float = 0.99, position: float = 0.5) -> tuple[float, dict[str, Any]]:
+                    out_quantile: float = 0.99, position: float = 0.5,
+                    relaxed_out_quantile: float | None = None) -> tuple[float, dict[str, Any]]:
     """γ between what in-scope prompts score against their own key and what unrelated prompts
     score against the best key (spec §8: calibrate per model instead of a fixed 0.65).
 
     `lo` = the `in_quantile` of the in-scope cosines, `hi` = the `out_quantile` of the
     out-of-scope best cosines. Separated (lo > hi): γ = hi + position·(lo − hi), the midpoint by
-    default. Overlapping: γ = hi, because a gate that fires on unrelated text costs locality on
-    every prompt while a missed paraphrase costs one edit. No out-of-scope data: 0.65 (the paper's).
+    default. Overlapping: if the `relaxed_out_quantile` of the out-of-scope cosines is below
+    `lo` (only the last few percent of unrelated prompts reach the in-scope band), the midpoint
+    at that quantile; otherwise γ = hi, because a gate that fires on unrelated text costs
+    locality on every prompt while a missed paraphrase costs one edit. No out-of-scope data: 0.65
+    (the paper's).
     """
     stats: dict[str, Any] = {
         "calib_in_q": quantile(in_scope, in_quantile), "calib_in_median": quantile(in_scope, 0.5),
         "calib_out_q": quantile(out_of_scope, out_quantile), "calib_out_median": quantile(out_of_scope, 0.5),
         "calib_out_max": float(out_of_scope.max()) if out_of_scope.numel() else float("nan"),
         "calib_in_quantile": in_quantile, "calib_out_quantile": out_quantile, "calib_position": position,
+        "calib_relaxed_out_quantile": relaxed_out_quantile,
         "calib_num_in": int(in_scope.numel()), "calib_num_out": int(out_of_scope.numel()),
     }
     lo, hi = stats["calib_in_q"], stats["calib_out_q"]
@@ -650,7 +655,14 @@ def calibrate_gamma(in_scope: torch.Tensor, out_of_scope: torch.Tensor, in_quant
     if lo > hi:
         stats.update(calib_overlap=False, gamma_rule="between")
         return hi + position * (lo - hi), stats
-    stats.update(calib_overlap=True, gamma_rule="out_of_scope_quantile")
+    stats.update(calib_overlap=True)
+    if relaxed_out_quantile is not None:
+        relaxed = quantile(out_of_scope, relaxed_out_quantile)
+        stats["calib_relaxed_out_q"] = relaxed
+        if lo > relaxed:
+            stats.update(gamma_rule="between_relaxed")
+            return relaxed + position * (lo - relaxed), stats
+    stats.update(gamma_rule="out_of_scope_quantile")
     return hi, stats
 
 
@@ -869,7 +881,8 @@ class NeuralDB:
         return best_match(normalize_rows(keys), self.gate.keys_hat, self.gate.chunk_size)
 
     def calibrate(self, out_of_scope_prompts: Sequence[str], in_scope: str = "subject",
-                  in_quantile: float = 0.1, out_quantile: float = 0.99, position: float = 0.5) -> dict[str, Any]:
+                  in_quantile: float = 0.1, out_quantile: float = 0.99, position: float = 0.5,
+                  relaxed_out_quantile: float | None = None) -> dict[str, Any]:
         """Set γ from the stored facts and prompts that must not fire (never evaluation prompts).
 
         In-scope cosines (`in_scope`): "subject" = each key against the subject's key in
@@ -882,7 +895,7 @@ class NeuralDB:
         inside = self.stats["cos_subject" if in_scope == "subject" else "cos_loo"]
         best = [self.match(k)[0].max() for k in self.prompt_keys(out_of_scope_prompts)] if len(self) else []
         outside = torch.stack(best) if best else torch.zeros(0)
-        gamma, stats = calibrate_gamma(inside, outside, in_quantile, out_quantile, position)
+        gamma, stats = calibrate_gamma(inside, outside, in_quantile, out_quantile, position, relaxed_out_quantile)
         self.gamma = gamma
         self.gamma_source = "calibrated"
         self.calibration = {**stats, "calib_in_scope": in_scope}

@@ -403,6 +403,21 @@ def test_gamma_calibration_rule():
     assert gamma == PAPER_GAMMA and stats["gamma_rule"] == "paper_default_no_data"
 
 
+def test_gamma_calibration_relaxes_the_out_of_scope_quantile_only_when_that_separates():
+    inside = torch.linspace(0.7, 1.0, 101)                              # lo = 0.7 at in_quantile 0
+    outside = torch.cat([torch.linspace(0.0, 0.5, 100), torch.tensor([0.9, 0.9])])   # a 2% tail at 0.9
+    gamma, stats = calibrate_gamma(inside, outside, 0.0, 0.99)
+    assert stats["calib_overlap"] and gamma == pytest.approx(stats["calib_out_q"]) and gamma > 0.7
+    gamma, stats = calibrate_gamma(inside, outside, 0.0, 0.99, relaxed_out_quantile=0.97)
+    relaxed = stats["calib_relaxed_out_q"]
+    assert relaxed < 0.5 and stats["gamma_rule"] == "between_relaxed"
+    assert gamma == pytest.approx(relaxed + 0.5 * (0.7 - relaxed))
+    # A tail of 5% still overlaps at 0.97: γ stays at the 0.99 quantile.
+    outside = torch.cat([torch.linspace(0.0, 0.5, 95), torch.full((5,), 0.9)])
+    gamma, stats = calibrate_gamma(inside, outside, 0.0, 0.99, relaxed_out_quantile=0.97)
+    assert stats["gamma_rule"] == "out_of_scope_quantile" and gamma == pytest.approx(stats["calib_out_q"])
+
+
 def test_calibrate_sets_gamma_between_edits_and_unrelated_prompts():
     with attached("tiny_llama", hparams=EditHParams(**FAST)) as db:
         db.add(FACTS)
