@@ -61,13 +61,15 @@ def score_targets(lm: ScorableLM, items: Sequence[ScoringItem], batch_size: int,
         batch = teacher_forced_batch(lm.tokenizer, [items[k].prompt for k in idx], [items[k].target for k in idx])
         with torch.no_grad():
             logits = lm.logits([items[k].prompt for k in idx], batch.input_ids, batch.attention_mask, batch.keep,
-                               batch.target_mask.sum(1))[:, :-1].float()
+                               batch.target_mask.sum(1))[:, :-1]
         pred = logits.argmax(-1)
-        logprobs = logits.log_softmax(-1)
         for row, k in enumerate(idx):
             m = batch.target_mask[row]
             gold = batch.target_ids[row][m]
-            nll = -logprobs[row][m].gather(-1, gold.to(logprobs.device)[:, None]).mean().item()
+            # Only the target positions (a full-vocabulary log-softmax of the batch would not fit
+            # for 262k-word vocabularies).
+            at = logits[row][m].float()
+            nll = (at.logsumexp(-1) - at.gather(-1, gold.to(at.device)[:, None]).squeeze(-1)).mean().item()
             out[k] = TargetScore(pred[row][m].cpu(), gold, nll)
         if progress is not None:
             progress(len(idx))
