@@ -62,15 +62,18 @@ def score_targets(lm: ScorableLM, items: Sequence[ScoringItem], batch_size: int,
         with torch.no_grad():
             logits = lm.logits([items[k].prompt for k in idx], batch.input_ids, batch.attention_mask, batch.keep,
                                batch.target_mask.sum(1))[:, :-1]
-        pred = logits.argmax(-1)
+        # Only the target positions, all rows at once (a log-softmax over the whole window would
+        # not fit for 262k-word vocabularies); one device-to-host copy per batch.
+        mask = batch.target_mask
+        at = logits[mask].float()
+        gold = batch.target_ids[mask]
+        token_nll = at.logsumexp(-1) - at.gather(-1, gold.to(at.device)[:, None]).squeeze(-1)
+        counts = mask.sum(1).tolist()
+        preds = at.argmax(-1).cpu().split(counts)
+        golds = gold.split(counts)
+        nlls = torch.stack([t.mean() for t in token_nll.split(counts)]).tolist()
         for row, k in enumerate(idx):
-            m = batch.target_mask[row]
-            gold = batch.target_ids[row][m]
-            # Only the target positions (a full-vocabulary log-softmax of the batch would not fit
-            # for 262k-word vocabularies).
-            at = logits[row][m].float()
-            nll = (at.logsumexp(-1) - at.gather(-1, gold.to(at.device)[:, None]).squeeze(-1)).mean().item()
-            out[k] = TargetScore(pred[row][m].cpu(), gold, nll)
+            out[k] = TargetScore(preds[row], golds[row], nlls[row])
         if progress is not None:
             progress(len(idx))
     return out
