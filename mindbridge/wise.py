@@ -78,6 +78,8 @@ class WISEHParams:
     train_gap_tokens: str = "all"     # edit tokens of the margin loss's Δ_act: "all" (prefix + prompt + target)
                                       # | "prompt" (the edit prompt's own tokens, what the router sees)
     skip_first_token: bool = True     # masked: leave each row's first token (an attention sink) out of Δ_act
+    retrieve_by: str = "gap"          # WISE-Retrieve's top-1 among memories above their ε: "gap" (largest Δ_act,
+                                      # the paper) | "ratio" (largest Δ_act / ε: memories of different scales compare)
     norm_constraint: float | None = 1.0   # element-wise clamp of W' around W
     weight_decay: float = 1e-5
     code_faithful_wd: bool = False    # True: SGD weight decay on every entry (upstream's leak, spec §8.14)
@@ -95,6 +97,8 @@ class WISEHParams:
     max_target_tokens: int = 32
     irrelevant_per_edit: int = 1      # irrelevant texts per edit in the margin loss (upstream: 1)
     max_irrelevant_tokens: int = 256
+    replay_per_edit: int = 0          # WISE-Retrieve, L_memo [P App. B.3]: earlier shards' edits per edit whose
+                                      # Δ_act on the current side memory is held below α (0: off, the paper's default)
     bucket_slack: float = 0.2         # rows of one forward pad to ≥ (1 - slack) of their longest
     seed: int = 0                     # mask RNG
 
@@ -117,11 +121,17 @@ class WISEHParams:
             raise ValueError(f"WISE mask_ratio and density must be in (0, 1] (got {self.mask_ratio}, {self.density}).")
         if self.save_freq < 1 or self.merge_freq < self.save_freq or self.merge_freq % self.save_freq:
             raise ValueError(f"WISE merge_freq ({self.merge_freq}) must be a multiple of save_freq ({self.save_freq}).")
+        if self.retrieve_by not in ("gap", "ratio"):
+            raise ValueError(f"WISE retrieve_by must be gap|ratio, got {self.retrieve_by!r}.")
         if self.optimizer not in ("sgd", "adam") or self.train_gap_tokens not in ("all", "prompt"):
             raise ValueError(f"WISE optimizer must be sgd|adam and train_gap_tokens all|prompt "
                              f"(got {self.optimizer!r}, {self.train_gap_tokens!r}).")
-        if self.batch_size < 1 or self.n_iter < 1 or self.irrelevant_per_edit < 1:
-            raise ValueError("WISE batch_size, n_iter and irrelevant_per_edit must be at least 1.")
+        if self.batch_size < 1 or self.n_iter < 1 or self.irrelevant_per_edit < 1 or self.replay_per_edit < 0:
+            raise ValueError("WISE batch_size, n_iter and irrelevant_per_edit must be at least 1, "
+                             "replay_per_edit at least 0.")
+        if self.replay_per_edit and self.variant != "retrieve":
+            raise ValueError("WISE replay_per_edit (L_memo) keeps side memories apart, so it needs variant=retrieve; "
+                             "WISE-Merge merges its shards into one memory.")
 
 
 # --------------------------------------------------------------------------- where the side memory lives
@@ -200,19 +210,20 @@ class WISELayer(nn.Module):
     """Wraps the module holding W_v: main output, or a side memory's, chosen per example.
 
     `candidates` are `(Memory, ε)` pairs; a row goes to the candidate with the largest Δ_act
-    among those above their own ε, else to the main memory. `route_mask` `(B, T)` says which
+    (`retrieve_by="ratio"`: Δ_act / ε) among those above their own ε, else to the main memory. `route_mask` `(B, T)` says which
     tokens count for Δ_act (the prompt, not a teacher-forced answer); `pin` keeps the first
     decision for the following calls (decoding steps with a KV cache). While `editing` holds
     side weights every row uses them and both outputs are kept for the losses.
     """
 
     def __init__(self, inner: nn.Module, value_names: Sequence[str], act, act_space: str = "code",
-                 reduction: str = "masked", skip_first_token: bool = False):
+                 reduction: str = "masked", skip_first_token: bool = False, retrieve_by: str = "gap"):
         super().__init__()
         self.inner = inner
         self.value_names = list(value_names)
         self.act, self.act_space, self.reduction = act, act_space, reduction
         self.skip_first_token = skip_first_token
+        self.retrieve_by = retrieve_by
         self.candidates: list[tuple[Memory, float]] = []
         self.mode = "route"                  # "route" | "main" (unedited) | "side" (always the newest memory)
         self.editing: dict[str, torch.Tensor] | None = None
@@ -276,7 +287,8 @@ class WISELayer(nn.Module):
             gaps_t = torch.stack(gaps, dim=1)                                   # (B, M)
             eps = torch.tensor([e for _, e in self.candidates], dtype=gaps_t.dtype)
             above = gaps_t > eps
-            best = gaps_t.masked_fill(~above, -math.inf).argmax(dim=1)
+            score = gaps_t / eps.clamp_min(1e-12) if self.retrieve_by == "ratio" else gaps_t
+            best = score.masked_fill(~above, -math.inf).argmax(dim=1)
             route = torch.where(above.any(dim=1), best, torch.full_like(best, -1))
             self.last_gaps = gaps_t
             if self.pin:
@@ -524,7 +536,7 @@ class WISE:
             raise ValueError(f"{self.site.path} already carries WISE; call .remove() on it first.")
         self.llm_identity = llm_identity or model_identity(model, llm_name or type(model).__name__)
         self.wrapper = WISELayer(self.site.module, value_matrix_names(self.site), activation_function(model),
-                                 hp.act_space, hp.reduction, hp.skip_first_token)
+                                 hp.act_space, hp.reduction, hp.skip_first_token, hp.retrieve_by)
         setattr(self.site.parent, self.site.attr, self.wrapper)
         self.runner = BlockRunner(model, self.site.layer)
         self._prefixes = list(prefixes) if prefixes is not None else None
@@ -630,15 +642,28 @@ class WISE:
         total = gaps.new_zeros(irr.count).index_add(0, irr.text, gaps)
         return total / torch.bincount(irr.text, minlength=irr.count).clamp_min(1).to(gaps.dtype)
 
-    def _margin_loss(self, d_in: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
-        """L_a [P Eq. 5]; each hinge averaged over its positive entries (upstream)."""
+    def _margin_loss(self, d_in: torch.Tensor, d_out: torch.Tensor, d_replay: torch.Tensor | None = None) -> torch.Tensor:
+        """L_a [P Eq. 5], plus L_memo [P App. B.3] on replayed edits of earlier shards; each hinge
+        averaged over its positive entries (upstream)."""
         hp = self.hparams
 
         def pos_mean(x: torch.Tensor) -> torch.Tensor:
             pos = x > 0
             return x[pos].mean() if bool(pos.any()) else x.new_zeros(())
-        return (pos_mean(d_out - hp.alpha) + pos_mean(hp.beta - d_in)
+        loss = (pos_mean(d_out - hp.alpha) + pos_mean(hp.beta - d_in)
                 + pos_mean(d_out[:, None] - d_in[None, :] + hp.gamma))
+        return loss if d_replay is None else loss + pos_mean(d_replay - hp.alpha)
+
+    def _replay_texts(self, n: int) -> list[str]:
+        """L_memo's x_m: `replay_per_edit` edits per new edit, drawn from the shards already saved,
+        so the side memory being written stays inactive on them (WISE-Retrieve's precision)."""
+        if not self.hparams.replay_per_edit:
+            return []
+        pool = [e["text"] for e in self.edit_log if e["shard"] != self.shard_index and e.get("text")]
+        if not pool:
+            return []
+        pick = torch.randperm(len(pool), generator=self.generator)[:self.hparams.replay_per_edit * n]
+        return [pool[i] for i in pick.tolist()]
 
     def edit(self, facts: Sequence[Fact], irrelevant: Sequence[str]) -> dict[str, float]:
         """Write a batch of edits into the side memory (one optimisation; spec §4).
@@ -656,6 +681,8 @@ class WISE:
         start = time.perf_counter()
         rows = self._rows(facts)
         irr = self._irrelevant_tokens(list(irrelevant))
+        replay = self._replay_texts(len(facts))
+        replayed = self._irrelevant_tokens(replay) if replay else None
         lengths = [len(t) for t in rows.tokens]
         hidden: list[torch.Tensor] = [None] * len(lengths)         # per row: (len, d) entering the layer
         for group in length_buckets(lengths, hp.bucket_slack):
@@ -691,11 +718,12 @@ class WISE:
                 owner = owner_all[index]
                 template = rows.template_of_row[index]
                 d_out = self._irrelevant_gaps(irr, side)
+                d_replay = self._irrelevant_gaps(replayed, side) if replayed is not None else None
                 losses, nlls = {}, {}
                 for e in owner.unique().tolist():
                     mine = owner == e
                     nlls[e] = nll_row[mine].mean()
-                    losses[e] = nlls[e] + hp.margin_weight * self._margin_loss(d_in[mine], d_out)
+                    losses[e] = nlls[e] + hp.margin_weight * self._margin_loss(d_in[mine], d_out, d_replay)
                     # The bare prompt (template 0) is what the router will see.
                     act[e] = float(d_route[mine & (template == 0)].mean())
                 finishing = []
@@ -732,14 +760,15 @@ class WISE:
         for e, fact in enumerate(facts):
             self.side.min_act = min(self.side.min_act, float(act[e]))
             self.global_min_act = min(self.global_min_act, float(act[e]))
-            self.edit_log.append({"id": fact.id, "position": self.total_edits + e, "shard": self.shard_index,
+            self.edit_log.append({"id": fact.id, "text": f"{fact.prompt} {fact.target}",
+                                  "position": self.total_edits + e, "shard": self.shard_index,
                                   "batch_seconds": seconds, "steps": int(steps[e]) + 1,
                                   "final_loss": float(final_loss[e]), "final_nll": float(final_nll[e]),
                                   "act": float(act[e]), "time": time.time()})
         self.side.edits += n
         self.total_edits += n
         self._sync_candidates()
-        return {"edits": n, "seconds": seconds, "final_loss": float(final_loss.mean()),
+        return {"edits": n, "seconds": seconds, "replayed": len(replay), "final_loss": float(final_loss.mean()),
                 "final_nll": float(final_nll.mean()), "steps": float(steps.float().mean()) + 1,
                 "act": float(act.mean()), "act_min": float(act.min())}
 

@@ -190,6 +190,12 @@ def test_top1_retrieval_picks_the_memory_with_the_largest_gap_above_its_threshol
         wise.wrapper.candidates = [(small, 1e9), (large, 1e9)]
         route, _ = wise.routes(PROBES)
         assert (route == -1).all()
+        # retrieve_by=ratio: the gap relative to each memory's own ε decides. Thresholds just under
+        # each row's gaps, the small memory's much lower, make it the winner on every row.
+        wise.wrapper.candidates = [(small, float(gaps[:, 0].min()) / 4), (large, float(gaps[:, 1].min()) * 0.99)]
+        assert (wise.routes(PROBES)[0] == 1).all()
+        wise.wrapper.retrieve_by = "ratio"
+        assert (wise.routes(PROBES)[0] == 0).all()
 
 
 def test_activation_gap_reductions():
@@ -386,6 +392,26 @@ def test_retrieve_variant_keeps_one_memory_per_merge_with_its_own_threshold():
         assert [e for _, e in wise.wrapper.candidates] == pytest.approx(expected)
         holder = wise.memory_of_edit()
         assert holder == {"a": 0, "b": 0, "c": 1}
+
+
+def test_replay_holds_the_new_memory_below_alpha_on_earlier_shards_edits():
+    """L_memo [P App. B.3]: the memory written for fact b is trained to stay quiet on fact a's edit."""
+    gaps = {}
+    for replay in (0, 1):
+        with attached("tiny_llama", n_iter=8, save_freq=1, merge_freq=100, variant="retrieve",
+                      replay_per_edit=replay) as wise:
+            first = wise.edit(FACTS[:1], IRRELEVANT[:1])
+            wise.commit()
+            assert first["replayed"] == 0                  # nothing saved yet to replay
+            second = wise.edit(FACTS[1:2], IRRELEVANT[:1])
+            wise.commit()
+            assert second["replayed"] == replay
+            assert wise.edit_log[0]["text"] == f"{FACTS[0].prompt} {FACTS[0].target}"
+            _, g = wise.routes([FACTS[0].prompt])
+            gaps[replay] = float(g[0, 1])                  # the second memory's gap on the first edit
+    assert gaps[1] < gaps[0]
+    with pytest.raises(ValueError, match="variant=retrieve"):
+        WISEHParams.from_dict({"replay_per_edit": 2})
 
 
 def test_no_merge_below_save_freq():
