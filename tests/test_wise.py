@@ -489,9 +489,19 @@ def test_stage_alone_reads_the_wise_model_config(tiny_cfg):
     cfg = tiny_cfg("stage=wise")
     assert list(cfg.stage.jobs) == ["wise"] and cfg.model.name == "mindbridge"
     hp = wise_config(cfg)
-    assert hp.name == "wise" and hp.variant == "merge" and hp.layers.smollm2 == 27
+    assert hp.name == "wise" and hp.variant == "retrieve" and hp.layers.smollm2 == 23
+    assert (hp.batch_size, hp.save_freq) == (16, 16)           # one memory per batch of edits
     model, _ = _load("tiny_llama")
     assert resolve_layer(hp, "tiny_llama", model) == 0
+
+
+def test_the_paper_preset_restores_the_papers_settings(tiny_cfg):
+    from lit_modules.wise import wise_config
+    hp = WISEHParams.from_dict(OmegaConf.to_container(wise_config(tiny_cfg("stage=wise", "model=wise_paper"))))
+    assert (hp.variant, hp.optimizer, hp.lr, hp.n_iter, hp.batch_size) == ("merge", "sgd", 1.0, 70, 1)
+    assert (hp.save_freq, hp.merge_freq, hp.irrelevant_per_edit, hp.train_gap_tokens) == (500, 1000, 1, "all")
+    assert (hp.act_ratio, hp.retrieve_by) == (0.88, "gap")
+    assert hp.prefixes_per_length == 5 and wise_config(tiny_cfg("stage=wise", "model=wise_paper")).layers.smollm2 == 27
 
 
 @pytest.mark.parametrize("variant", ["merge", "retrieve"])
