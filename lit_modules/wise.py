@@ -105,7 +105,8 @@ def wise(ctx) -> None:
         ctx.metrics.update({
             "wise_variant": hp.variant, "wise_layer": layer, "wise_site": editor.site.path,
             "wise_site_kind": editor.site.kind, "wise_value_matrices": ",".join(editor.wrapper.value_names),
-            "wise_batch_size": hp.batch_size, "wise_irrelevant_per_edit": hp.irrelevant_per_edit, "wise_replay_per_edit": hp.replay_per_edit,
+            "wise_batch_size": hp.batch_size, "wise_irrelevant_per_edit": hp.irrelevant_per_edit,
+            "wise_replay_per_edit": hp.replay_per_edit,
             "wise_save_freq": hp.save_freq, "wise_merge_freq": hp.merge_freq,
             "wise_merges": editor.merges, "wise_memories": len(editor.wrapper.candidates),
             "wise_thresholds": ",".join(f"{e:.4g}" for _, e in editor.wrapper.candidates),

@@ -210,8 +210,8 @@ class WISELayer(nn.Module):
     """Wraps the module holding W_v: main output, or a side memory's, chosen per example.
 
     `candidates` are `(Memory, ε)` pairs; a row goes to the candidate with the largest Δ_act
-    (`retrieve_by="ratio"`: Δ_act / ε) among those above their own ε, else to the main memory. `route_mask` `(B, T)` says which
-    tokens count for Δ_act (the prompt, not a teacher-forced answer); `pin` keeps the first
+    (`retrieve_by="ratio"`: Δ_act / ε) among those above their own ε, else to the main memory.
+    `route_mask` `(B, T)` says which tokens count for Δ_act (the prompt, not a teacher-forced answer); `pin` keeps the first
     decision for the following calls (decoding steps with a KV cache). While `editing` holds
     side weights every row uses them and both outputs are kept for the losses.
     """
@@ -642,7 +642,8 @@ class WISE:
         total = gaps.new_zeros(irr.count).index_add(0, irr.text, gaps)
         return total / torch.bincount(irr.text, minlength=irr.count).clamp_min(1).to(gaps.dtype)
 
-    def _margin_loss(self, d_in: torch.Tensor, d_out: torch.Tensor, d_replay: torch.Tensor | None = None) -> torch.Tensor:
+    def _margin_loss(self, d_in: torch.Tensor, d_out: torch.Tensor,
+                     d_replay: torch.Tensor | None = None) -> torch.Tensor:
         """L_a [P Eq. 5], plus L_memo [P App. B.3] on replayed edits of earlier shards; each hinge
         averaged over its positive entries (upstream)."""
         hp = self.hparams
