@@ -1,9 +1,9 @@
 """WISE's costs: edit throughput at batch sizes 1 and 16, and inference latency against the unedited model.
 
 * Edit throughput: edits per minute of `WISE.edit` + `commit` (the model config's hyperparameters)
-  on the first `--edits` ZsRE edits of data seed `--data-seed`, each paired with one irrelevant
-  text, at every `--batch-sizes` value (a fresh side memory each time). The one-off prefix
-  generation is timed separately.
+  on the first `--edits` ZsRE edits of data seed `--data-seed`, each paired with
+  `irrelevant_per_edit` irrelevant texts as in the stage, at every `--batch-sizes` value (a fresh
+  side memory each time). The one-off prefix generation is timed separately.
 * Latency: greedy generation of `--tokens` tokens (KV cache, batch 1) and one teacher-forced
   scoring forward of 32 prompts, with WISE holding m side memories (`--memories`; 1 = WISE-Merge,
   more = WISE-Retrieve, each a copy of the edited side memory), against the same LLM with WISE
@@ -56,7 +56,7 @@ def main() -> None:
 
     from data.datamodule import EditDataModule
     from lit_modules.neuraldb import facts_for, resolve_layer
-    from lit_modules.wise import MODEL_CONFIG
+    from lit_modules.wise import MODEL_CONFIG, irrelevant_texts
     from mindbridge.lm import causal_logits
     from mindbridge.tokenization import prompt_batch, teacher_forced_batch
     from mindbridge.wise import WISE, Memory, WISEHParams
@@ -66,10 +66,14 @@ def main() -> None:
         hp_cfg.n_iter = args.n_iter
     llm, tok, identity = load_llm(args.llm)
     layer = resolve_layer(hp_cfg, args.llm, llm)
-    dm = EditDataModule(name="zsre", num_edits=args.edits, seed=args.data_seed, max_out_of_scope=4 * args.edits)
+    per_edit = int(hp_cfg.irrelevant_per_edit)
+    dm = EditDataModule(name="zsre", num_edits=args.edits, seed=args.data_seed,
+                        max_out_of_scope=max(4, per_edit) * args.edits)
     dm.setup()
     facts = facts_for(dm.edits)
-    irrelevant = [f"{o.prompt} {o.answer}" if o.answer else o.prompt for o in dm.out_of_scope]
+    # As the stage pairs them: irrelevant_per_edit out-of-scope texts per edit, with or without the answer.
+    irrelevant = irrelevant_texts({"prompt": [o.prompt for o in dm.out_of_scope],
+                                   "answer": [o.answer for o in dm.out_of_scope]}, bool(hp_cfg.irrelevant_answers))
     result: dict = {"llm": args.llm, "layer": layer, "threads": args.threads, "edits": args.edits,
                     "data_seed": args.data_seed, "machine": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "hyperparameters": OmegaConf.to_container(hp_cfg)}
@@ -87,7 +91,8 @@ def main() -> None:
 
         def stream() -> None:
             for s in range(0, len(facts), bs):
-                report = editor.edit(facts[s:s + bs], irrelevant[s:s + bs])
+                n = len(facts[s:s + bs]) * per_edit
+                report = editor.edit(facts[s:s + bs], [irrelevant[(s * per_edit + j) % len(irrelevant)] for j in range(n)])
                 editor.commit()
                 steps.append(report["steps"])
         seconds = timed(stream)

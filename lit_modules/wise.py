@@ -35,9 +35,10 @@ def wise_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.load(MODEL_CONFIG)
 
 
-def irrelevant_texts(out: dict) -> list[str]:
-    """`prompt + " " + answer` of out-of-scope records (upstream pairs NQ question + answer)."""
-    return [f"{p} {a}" if a else p for p, a in zip(out["prompt"], out["answer"])]
+def irrelevant_texts(out: dict, with_answers: bool = True) -> list[str]:
+    """Out-of-scope records as the margin loss's irrelevant texts: `prompt + " " + answer`
+    (upstream pairs NQ question + answer) or the prompt alone (what the router reads)."""
+    return [f"{p} {a}" if a and with_answers else p for p, a in zip(out["prompt"], out["answer"])]
 
 
 class WISEModule(L.LightningModule):
@@ -55,7 +56,7 @@ class WISEModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         edit = batch["edit"]
-        report = self.wise.edit([self.facts[i] for i in edit["index"].tolist()], irrelevant_texts(batch["out"]))
+        report = self.wise.edit([self.facts[i] for i in edit["index"].tolist()], irrelevant_texts(batch["out"], self.wise.hparams.irrelevant_answers))
         self.log_dict({f"train/{k}": float(report[k]) for k in ("final_loss", "final_nll", "steps", "act")},
                       on_step=True, on_epoch=False, batch_size=len(edit["index"]))
         self.log("edits", float(self.wise.total_edits), prog_bar=True, on_step=True, batch_size=1)
@@ -106,7 +107,7 @@ def wise(ctx) -> None:
             "wise_variant": hp.variant, "wise_layer": layer, "wise_site": editor.site.path,
             "wise_site_kind": editor.site.kind, "wise_value_matrices": ",".join(editor.wrapper.value_names),
             "wise_batch_size": hp.batch_size, "wise_irrelevant_per_edit": hp.irrelevant_per_edit,
-            "wise_replay_per_edit": hp.replay_per_edit,
+            "wise_replay_per_edit": hp.replay_per_edit, "wise_irrelevant_answers": hp.irrelevant_answers,
             "wise_save_freq": hp.save_freq, "wise_merge_freq": hp.merge_freq,
             "wise_merges": editor.merges, "wise_memories": len(editor.wrapper.candidates),
             "wise_thresholds": ",".join(f"{e:.4g}" for _, e in editor.wrapper.candidates),

@@ -97,9 +97,14 @@ class WISEHParams:
     max_target_tokens: int = 32
     irrelevant_per_edit: int = 1      # irrelevant texts per edit in the margin loss (upstream: 1)
     max_irrelevant_tokens: int = 256
+    irrelevant_answers: bool = True   # irrelevant text = question + answer (upstream), else the question only
     replay_per_edit: int = 0          # WISE-Retrieve, L_memo [P App. B.3]: earlier shards' edits per edit whose
                                       # Δ_act on the current side memory is held below α (0: off, the paper's default)
     bucket_slack: float = 0.2         # rows of one forward pad to ≥ (1 - slack) of their longest
+    # ε is at least this quantile of the memory's Δ_act on the irrelevant texts it was trained against
+    # (None: ε from the edits alone, the paper). A memory whose weakest edit sits among unrelated text
+    # would otherwise route most unrelated prompts to itself.
+    eps_quantile: float | None = None
     seed: int = 0                     # mask RNG
 
     @classmethod
@@ -129,6 +134,8 @@ class WISEHParams:
         if self.batch_size < 1 or self.n_iter < 1 or self.irrelevant_per_edit < 1 or self.replay_per_edit < 0:
             raise ValueError("WISE batch_size, n_iter and irrelevant_per_edit must be at least 1, "
                              "replay_per_edit at least 0.")
+        if self.eps_quantile is not None and not 0.0 < self.eps_quantile <= 1.0:
+            raise ValueError(f"WISE eps_quantile must be in (0, 1] or null, got {self.eps_quantile}.")
         if self.replay_per_edit and self.variant != "retrieve":
             raise ValueError("WISE replay_per_edit (L_memo) keeps side memories apart, so it needs variant=retrieve; "
                              "WISE-Merge merges its shards into one memory.")
@@ -204,6 +211,7 @@ class Memory:
     shards: list[int] = field(default_factory=list)
     edits: int = 0
     kind: str = "side"                 # "side" (being written) | "shard" (saved, unmerged) | "merged"
+    irrelevant_acts: list[float] = field(default_factory=list)   # Δ_act on its irrelevant texts, per edit batch
 
 
 class WISELayer(nn.Module):
@@ -568,11 +576,15 @@ class WISE:
 
     def candidates(self) -> list[tuple[Memory, float]]:
         """What the router chooses from, each with its ε (spec §3, §8.5)."""
-        r = self.hparams.act_ratio
+        hp = self.hparams
         live = [m for m in self.memories] + ([self.side] if self.side.edits else [])
-        if self.hparams.variant == "merge":
-            return [(m, self.global_min_act * r) for m in live]
-        return [(m, m.min_act * r) for m in live]
+
+        def eps(m: Memory) -> float:
+            e = (self.global_min_act if hp.variant == "merge" else m.min_act) * hp.act_ratio
+            if hp.eps_quantile is not None and m.irrelevant_acts:
+                e = max(e, float(torch.tensor(m.irrelevant_acts).quantile(hp.eps_quantile)))
+            return e
+        return [(m, eps(m)) for m in live]
 
     def _sync_candidates(self) -> None:
         self.wrapper.candidates = self.candidates()
@@ -757,6 +769,8 @@ class WISE:
             for t in side.values():
                 t.requires_grad_(False)
                 t.grad = None
+        with torch.no_grad():
+            self.side.irrelevant_acts += self._irrelevant_gaps(irr, side).tolist()
         seconds = time.perf_counter() - start
         for e, fact in enumerate(facts):
             self.side.min_act = min(self.side.min_act, float(act[e]))
@@ -822,10 +836,12 @@ class WISE:
         return torch.optim.SGD(params, lr=hp.lr, weight_decay=decay)
 
     def commit(self) -> dict[str, bool]:
-        """After a batch: store a full shard and start a new one; merge when it is time (spec §4)."""
+        """After a batch: store the shard and start a new one when it is full, or when the next full
+        batch would not fit (a short batch mid-stream is then a shard of its own instead of having
+        the next batch trained on top of it); merge when it is time (spec §4)."""
         hp = self.hparams
         saved = merged = False
-        if self.side.edits >= hp.save_freq:
+        if self.side.edits and self.side.edits + hp.batch_size > hp.save_freq:
             self._save_shard()
             saved = True
             if len(self._unmerged()) >= hp.merge_freq // hp.save_freq:
@@ -863,6 +879,7 @@ class WISE:
         merged = Memory({n: ties_merge(base[n], [p.weights[n] for p in parts], weights, hp.density, hp.merge_alg)
                          for n in base},
                         min_act=min(p.min_act for p in parts), shards=[s for p in parts for s in p.shards],
+                        irrelevant_acts=[a for p in parts for a in p.irrelevant_acts],
                         edits=sum(p.edits for p in parts), kind="merged")
         if hp.variant == "merge":
             self.memories = [merged]
@@ -961,7 +978,7 @@ class WISE:
     @staticmethod
     def _memory_info(m: Memory) -> dict[str, Any]:
         return {"min_act": m.min_act if math.isfinite(m.min_act) else None, "shards": m.shards, "edits": m.edits,
-                "kind": m.kind}
+                "kind": m.kind, "irrelevant_acts": m.irrelevant_acts}
 
     def save(self, directory: str | Path, info: dict[str, Any] | None = None) -> Path:
         """`wise.safetensors` (memories, current side memory, masks) + `manifest.json` + `edits.jsonl`."""
@@ -1008,7 +1025,7 @@ class WISE:
         def memory(prefix: str, meta: dict) -> Memory:
             return Memory({n: tensors[f"{prefix}.{n}"] for n in wise.wrapper.value_names},
                           math.inf if meta["min_act"] is None else meta["min_act"], list(meta["shards"]),
-                          meta["edits"], meta["kind"])
+                          meta["edits"], meta["kind"], list(meta.get("irrelevant_acts", [])))
         wise.memories = [memory(f"memory{j}", meta) for j, meta in enumerate(manifest["memories"])]
         wise.pending = [memory(f"pending{j}", meta) for j, meta in enumerate(manifest["pending"])]
         wise.side = memory("side", manifest["side"])

@@ -423,15 +423,55 @@ def test_no_merge_below_save_freq():
         assert wise.merges == 0 and not wise.memories and wise.side.edits == 3
 
 
+
+def test_short_batch_mid_stream_is_a_shard_of_its_own():
+    """Batches of 2 into shards of 2: a batch of 1 closes its shard, so the next batch of 2 is not
+    trained on top of it (a 3-edit memory whose first edit was partly overwritten)."""
+    with attached("tiny_llama", n_iter=2, batch_size=2, save_freq=2, merge_freq=100, variant="retrieve") as wise:
+        wise.edit(FACTS[:1], IRRELEVANT[:1])
+        assert wise.commit()["saved"]
+        wise.edit(FACTS[1:], IRRELEVANT[:1])
+        assert wise.commit()["saved"]
+        assert [m.edits for m in wise.memories] == [1, 2] and wise.side.edits == 0
+    with attached("tiny_llama", n_iter=2, batch_size=1, save_freq=2, merge_freq=100, variant="retrieve") as wise:
+        wise.edit(FACTS[:1], IRRELEVANT[:1])
+        assert not wise.commit()["saved"]                 # batch 1: the shard still has room
+        wise.edit(FACTS[1:2], IRRELEVANT[:1])
+        assert wise.commit()["saved"]
+        assert [m.edits for m in wise.memories] == [2]
+
+
+
+def test_eps_quantile_keeps_the_trained_irrelevant_texts_on_the_main_memory():
+    """eps_quantile=1: ε is at least the largest Δ_act among the memory's irrelevant texts, so none
+    of them is routed to it; without it (the paper's ε from the edits) the tiny memory takes them."""
+    routed = {}
+    for q in (None, 1.0):
+        with attached("tiny_llama", batch_size=3, save_freq=3, merge_freq=3, variant="retrieve",
+                      act_ratio=0.05, eps_quantile=q) as wise:
+            wise.edit(FACTS, IRRELEVANT)
+            wise.commit()
+            (memory, eps), = wise.wrapper.candidates
+            assert len(memory.irrelevant_acts) == len(IRRELEVANT)
+            if q == 1.0:
+                assert eps == pytest.approx(max(max(memory.irrelevant_acts), 0.05 * memory.min_act))
+            route, _ = wise.routes(IRRELEVANT)
+            routed[q] = int((route >= 0).sum())
+    assert routed[1.0] == 0 and routed[None] == len(IRRELEVANT)
+    with pytest.raises(ValueError, match="eps_quantile"):
+        WISEHParams.from_dict({"eps_quantile": 0.0})
+
+
 # --------------------------------------------------------------------------- persistence
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
     model, tok = _load("tiny_llama")
-    with attached("tiny_llama", n_iter=2, save_freq=1, merge_freq=2, variant="retrieve") as wise:
+    with attached("tiny_llama", n_iter=2, save_freq=1, merge_freq=2, variant="retrieve", eps_quantile=0.5) as wise:
         for f in FACTS:
-            wise.edit([f], IRRELEVANT[:1])
+            wise.edit([f], IRRELEVANT)
             wise.commit()
+        irrelevant_acts = [m.irrelevant_acts for m in wise.memories]
         ids, mask = prompt_batch(tok, PROBES + [f.prompt for f in FACTS])
         want = wise.logits(None, ids, mask, 3)
         thresholds = [e for _, e in wise.wrapper.candidates]
@@ -443,6 +483,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         assert [e for _, e in loaded.wrapper.candidates] == pytest.approx(thresholds)
         assert torch.equal(loaded.logits(None, ids, mask, 3), want)
         assert [m.kind for m in loaded.memories] == ["merged", "shard"] and loaded.total_edits == 3
+        assert [m.irrelevant_acts for m in loaded.memories] == irrelevant_acts and len(irrelevant_acts[0]) == 4
         assert len(loaded.edit_log) == 3
     finally:
         loaded.remove()
@@ -491,8 +532,16 @@ def test_stage_alone_reads_the_wise_model_config(tiny_cfg):
     hp = wise_config(cfg)
     assert hp.name == "wise" and hp.variant == "retrieve" and hp.layers.smollm2 == 23
     assert (hp.batch_size, hp.save_freq) == (16, 16)           # one memory per batch of edits
+    assert hp.irrelevant_answers is False                       # L_a reads what the router reads
     model, _ = _load("tiny_llama")
     assert resolve_layer(hp, "tiny_llama", model) == 0
+
+
+def test_irrelevant_texts_with_or_without_the_answer():
+    from lit_modules.wise import irrelevant_texts
+    out = {"prompt": ["Who wrote Dune?", "Capital of Peru?"], "answer": ["Frank Herbert", ""]}
+    assert irrelevant_texts(out) == ["Who wrote Dune? Frank Herbert", "Capital of Peru?"]
+    assert irrelevant_texts(out, with_answers=False) == ["Who wrote Dune?", "Capital of Peru?"]
 
 
 def test_the_paper_preset_restores_the_papers_settings(tiny_cfg):
@@ -500,7 +549,7 @@ def test_the_paper_preset_restores_the_papers_settings(tiny_cfg):
     hp = WISEHParams.from_dict(OmegaConf.to_container(wise_config(tiny_cfg("stage=wise", "model=wise_paper"))))
     assert (hp.variant, hp.optimizer, hp.lr, hp.n_iter, hp.batch_size) == ("merge", "sgd", 1.0, 70, 1)
     assert (hp.save_freq, hp.merge_freq, hp.irrelevant_per_edit, hp.train_gap_tokens) == (500, 1000, 1, "all")
-    assert (hp.act_ratio, hp.retrieve_by) == (0.88, "gap")
+    assert (hp.act_ratio, hp.retrieve_by, hp.irrelevant_answers) == (0.88, "gap", True)
     assert hp.prefixes_per_length == 5 and wise_config(tiny_cfg("stage=wise", "model=wise_paper")).layers.smollm2 == 27
 
 
