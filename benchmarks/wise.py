@@ -91,8 +91,9 @@ def main() -> None:
 
         def stream() -> None:
             for s in range(0, len(facts), bs):
-                n = len(facts[s:s + bs]) * per_edit
-                report = editor.edit(facts[s:s + bs], [irrelevant[(s * per_edit + j) % len(irrelevant)] for j in range(n)])
+                batch = facts[s:s + bs]
+                paired = [irrelevant[(s * per_edit + j) % len(irrelevant)] for j in range(len(batch) * per_edit)]
+                report = editor.edit(batch, paired)
                 editor.commit()
                 steps.append(report["steps"])
         seconds = timed(stream)

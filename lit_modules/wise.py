@@ -56,7 +56,8 @@ class WISEModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         edit = batch["edit"]
-        report = self.wise.edit([self.facts[i] for i in edit["index"].tolist()], irrelevant_texts(batch["out"], self.wise.hparams.irrelevant_answers))
+        irrelevant = irrelevant_texts(batch["out"], self.wise.hparams.irrelevant_answers)
+        report = self.wise.edit([self.facts[i] for i in edit["index"].tolist()], irrelevant)
         self.log_dict({f"train/{k}": float(report[k]) for k in ("final_loss", "final_nll", "steps", "act")},
                       on_step=True, on_epoch=False, batch_size=len(edit["index"]))
         self.log("edits", float(self.wise.total_edits), prog_bar=True, on_step=True, batch_size=1)

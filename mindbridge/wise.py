@@ -211,7 +211,7 @@ class Memory:
     shards: list[int] = field(default_factory=list)
     edits: int = 0
     kind: str = "side"                 # "side" (being written) | "shard" (saved, unmerged) | "merged"
-    irrelevant_acts: list[float] = field(default_factory=list)   # Δ_act on its irrelevant texts, per edit batch
+    irrelevant_acts: list[float] = field(default_factory=list)   # Δ_act of each irrelevant text it was trained against
 
 
 class WISELayer(nn.Module):
