@@ -13,6 +13,7 @@ tokenizer (memory pretraining tokenises with its own encoder tokenizer) batches 
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -188,6 +189,7 @@ class EditDataModule(L.LightningDataModule):
         self.num_workers, self.dedupe, self.drop_empty_targets = num_workers, dedupe, drop_empty_targets
         self.tokenizer = None
         self.max_prompt_tokens, self.max_target_tokens = 256, 32
+        self.held_out_size = 0
         self._split: EditSplit | None = None
         self._fixed_edits: tuple[EditRecord, ...] | None = None
         self._other_datasets: tuple[Sequence[EditRecord], ...] = ()
@@ -243,6 +245,22 @@ class EditDataModule(L.LightningDataModule):
         return self.split.out_of_scope
 
     @property
+    def held_out_out_of_scope(self) -> tuple[IrrelevantRecord, ...]:
+        """`held_out_size` out-of-scope records (a seeded sample) that the out-of-scope stream never
+        yields: a method calibrates on them what training pushed down on the others."""
+        if not self.held_out_size:
+            return ()
+        pool = self.out_of_scope
+        picked = sorted(random.Random(self.seed + 2).sample(range(len(pool)), self.held_out_size))
+        return tuple(pool[i] for i in picked)
+
+    @property
+    def training_out_of_scope(self) -> tuple[IrrelevantRecord, ...]:
+        """The out-of-scope stream's records: all of them but the held-out ones."""
+        held = set(map(id, self.held_out_out_of_scope))
+        return tuple(r for r in self.out_of_scope if id(r) not in held)
+
+    @property
     def paraphrase_pairs(self) -> tuple[tuple[str, str], ...]:
         """(question, rephrase) pairs of records that are neither edited nor about an edited subject."""
         return self.split.paraphrase_pairs
@@ -255,8 +273,14 @@ class EditDataModule(L.LightningDataModule):
 
     # ---- batches --------------------------------------------------------------------------
     def connect(self, tokenizer=None, max_prompt_tokens: int = 256, max_target_tokens: int = 32,
-                batch_size: int | None = None, out_batch_size: int | None = None) -> None:
-        """Attach the tokenizer of the model being trained (None: text-only batches)."""
+                batch_size: int | None = None, out_batch_size: int | None = None,
+                held_out: int = 0) -> None:
+        """Attach the tokenizer of the model being trained (None: text-only batches); `held_out`
+        out-of-scope records are kept out of the out-of-scope stream (`held_out_out_of_scope`)."""
+        if held_out and not 0 < held_out < len(self.out_of_scope):
+            raise ValueError(f"Cannot hold out {held_out} of the {len(self.out_of_scope)} out-of-scope prompts; "
+                             "lower the held-out count or add data.pool_path=FILE.")
+        self.held_out_size = held_out
         self.tokenizer = tokenizer
         self.max_prompt_tokens, self.max_target_tokens = max_prompt_tokens, max_target_tokens
         if batch_size:
@@ -308,9 +332,10 @@ class EditDataModule(L.LightningDataModule):
         if not self.out_of_scope:
             raise ValueError("The split has no out-of-scope prompts; every record was edited. "
                              "Lower data.num_edits or add data.pool_path=FILE.")
+        records = self.training_out_of_scope
         steps = -(-len(self.edits) // self.batch_size)          # batches in one pass over the edits
-        sampler = CyclingSampler(len(self.out_of_scope), steps * self.out_batch_size, self.seed + 1)
-        return self._loader(self.out_of_scope, BatchSampler(sampler, self.out_batch_size, drop_last=False),
+        sampler = CyclingSampler(len(records), steps * self.out_batch_size, self.seed + 1)
+        return self._loader(records, BatchSampler(sampler, self.out_batch_size, drop_last=False),
                             self._collate_out)
 
     def train_dataloader(self) -> CombinedLoader:

@@ -94,7 +94,16 @@ def wise(ctx) -> None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         start = time.perf_counter()
         templates = editor.templates                 # generated once per model, counted as editing
-        dm.connect(None, batch_size=hp.batch_size, out_batch_size=hp.batch_size * hp.irrelevant_per_edit)
+        # eps_quantile's floor is measured on out-of-scope prompts that L_a never trains against; at
+        # most a quarter of them, so that small splits keep most for the irrelevant stream.
+        held_out = int(hp_cfg.get("calibration_prompts", 0)) if hp.eps_quantile is not None else 0
+        if held_out > len(dm.out_of_scope) // 4:
+            log.warning("WISE: %d calibration prompts held out instead of %d (a quarter of the %d out-of-scope "
+                        "prompts).", len(dm.out_of_scope) // 4, held_out, len(dm.out_of_scope))
+            held_out = len(dm.out_of_scope) // 4
+        dm.connect(None, batch_size=hp.batch_size, out_batch_size=hp.batch_size * hp.irrelevant_per_edit,
+                   held_out=held_out)
+        editor.calibrate([o.prompt for o in dm.held_out_out_of_scope])
         batches = -(-len(facts) // hp.batch_size)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
@@ -103,13 +112,13 @@ def wise(ctx) -> None:
         edit_seconds = time.perf_counter() - start
 
         edits_log = editor.edit_log
-        oos = [o.prompt for o in dm.out_of_scope][:300]
+        oos = [o.prompt for o in dm.training_out_of_scope][:300]
         ctx.metrics.update({
             "wise_variant": hp.variant, "wise_layer": layer, "wise_site": editor.site.path,
             "wise_site_kind": editor.site.kind, "wise_value_matrices": ",".join(editor.wrapper.value_names),
             "wise_batch_size": hp.batch_size, "wise_irrelevant_per_edit": hp.irrelevant_per_edit,
             "wise_replay_per_edit": hp.replay_per_edit, "wise_irrelevant_answers": hp.irrelevant_answers,
-            "wise_save_freq": hp.save_freq, "wise_merge_freq": hp.merge_freq,
+            "wise_calibration_prompts": len(editor.calibration_texts), "wise_save_freq": hp.save_freq, "wise_merge_freq": hp.merge_freq,
             "wise_merges": editor.merges, "wise_memories": len(editor.wrapper.candidates),
             "wise_thresholds": ",".join(f"{e:.4g}" for _, e in editor.wrapper.candidates),
             "wise_min_act": min(e["act"] for e in edits_log), "wise_num_templates": len(templates),

@@ -101,9 +101,10 @@ class WISEHParams:
     replay_per_edit: int = 0          # WISE-Retrieve, L_memo [P App. B.3]: earlier shards' edits per edit whose
                                       # Δ_act on the current side memory is held below α (0: off, the paper's default)
     bucket_slack: float = 0.2         # rows of one forward pad to ≥ (1 - slack) of their longest
-    # ε is at least this quantile of the memory's Δ_act on the irrelevant texts it was trained against
-    # (None: ε from the edits alone, the paper). A memory whose weakest edit sits among unrelated text
-    # would otherwise route most unrelated prompts to itself.
+    # ε is at least this quantile of the memory's Δ_act on held-out irrelevant texts (`calibrate`;
+    # None: ε from the edits alone, the paper). A memory whose weakest edit sits among unrelated text
+    # would otherwise route many unrelated prompts to itself. Held out, because L_a pushes the texts it
+    # was trained against far below what unseen unrelated prompts get.
     eps_quantile: float | None = None
     seed: int = 0                     # mask RNG
 
@@ -211,7 +212,7 @@ class Memory:
     shards: list[int] = field(default_factory=list)
     edits: int = 0
     kind: str = "side"                 # "side" (being written) | "shard" (saved, unmerged) | "merged"
-    irrelevant_acts: list[float] = field(default_factory=list)   # Δ_act of each irrelevant text it was trained against
+    calibration_acts: list[float] = field(default_factory=list)  # Δ_act of each held-out irrelevant text on it
 
 
 class WISELayer(nn.Module):
@@ -557,6 +558,8 @@ class WISE:
         self.total_edits = 0
         self.merges = 0
         self.edit_log: list[dict[str, Any]] = []
+        self.calibration_texts: list[str] = []
+        self._calibration_tokens: _IrrelevantTokens | None = None
         self._sync_candidates()
 
     # ---- state -------------------------------------------------------------------------------
@@ -581,13 +584,30 @@ class WISE:
 
         def eps(m: Memory) -> float:
             e = (self.global_min_act if hp.variant == "merge" else m.min_act) * hp.act_ratio
-            if hp.eps_quantile is not None and m.irrelevant_acts:
-                e = max(e, float(torch.tensor(m.irrelevant_acts).quantile(hp.eps_quantile)))
+            if hp.eps_quantile is not None and m.calibration_acts:
+                e = max(e, float(torch.tensor(m.calibration_acts).quantile(hp.eps_quantile)))
             return e
         return [(m, eps(m)) for m in live]
 
     def _sync_candidates(self) -> None:
         self.wrapper.candidates = self.candidates()
+
+    def calibrate(self, texts: Sequence[str]) -> None:
+        """Held-out irrelevant texts (never in the margin loss) whose Δ_act on each memory sets the
+        `eps_quantile` floor of its ε; measured again whenever a memory's weights change."""
+        self.calibration_texts = list(texts)
+        self._calibration_tokens = None
+        for m in [*self.memories, *self.pending, self.side]:
+            self._measure_calibration(m)
+        self._sync_candidates()
+
+    def _measure_calibration(self, memory: Memory) -> None:
+        if not self.calibration_texts or not memory.edits:
+            return
+        if self._calibration_tokens is None:
+            self._calibration_tokens = self._irrelevant_tokens(self.calibration_texts)
+        with torch.no_grad():
+            memory.calibration_acts = self._irrelevant_gaps(self._calibration_tokens, memory.weights).tolist()
 
     @property
     def prefixes(self) -> list[str]:
@@ -769,8 +789,6 @@ class WISE:
             for t in side.values():
                 t.requires_grad_(False)
                 t.grad = None
-        with torch.no_grad():
-            self.side.irrelevant_acts += self._irrelevant_gaps(irr, side).tolist()
         seconds = time.perf_counter() - start
         for e, fact in enumerate(facts):
             self.side.min_act = min(self.side.min_act, float(act[e]))
@@ -782,6 +800,7 @@ class WISE:
                                   "act": float(act[e]), "time": time.time()})
         self.side.edits += n
         self.total_edits += n
+        self._measure_calibration(self.side)
         self._sync_candidates()
         return {"edits": n, "seconds": seconds, "replayed": len(replay), "final_loss": float(final_loss.mean()),
                 "final_nll": float(final_nll.mean()), "steps": float(steps.float().mean()) + 1,
@@ -879,8 +898,8 @@ class WISE:
         merged = Memory({n: ties_merge(base[n], [p.weights[n] for p in parts], weights, hp.density, hp.merge_alg)
                          for n in base},
                         min_act=min(p.min_act for p in parts), shards=[s for p in parts for s in p.shards],
-                        irrelevant_acts=[a for p in parts for a in p.irrelevant_acts],
                         edits=sum(p.edits for p in parts), kind="merged")
+        self._measure_calibration(merged)
         if hp.variant == "merge":
             self.memories = [merged]
             self.pending = []
@@ -978,7 +997,7 @@ class WISE:
     @staticmethod
     def _memory_info(m: Memory) -> dict[str, Any]:
         return {"min_act": m.min_act if math.isfinite(m.min_act) else None, "shards": m.shards, "edits": m.edits,
-                "kind": m.kind, "irrelevant_acts": m.irrelevant_acts}
+                "kind": m.kind, "calibration_acts": m.calibration_acts}
 
     def save(self, directory: str | Path, info: dict[str, Any] | None = None) -> Path:
         """`wise.safetensors` (memories, current side memory, masks) + `manifest.json` + `edits.jsonl`."""
@@ -997,6 +1016,7 @@ class WISE:
                         "pending": [self._memory_info(m) for m in self.pending], "side": self._memory_info(self.side),
                         "global_min_act": self.global_min_act if math.isfinite(self.global_min_act) else None,
                         "thresholds": [eps for _, eps in self.wrapper.candidates],
+                        "calibration_texts": self.calibration_texts,
                         "total_edits": self.total_edits, "merges": self.merges,
                         "generator_state": self.generator.get_state().tolist(),
                         "tensors_sha256": tensors_fingerprint(tensors),
@@ -1025,7 +1045,7 @@ class WISE:
         def memory(prefix: str, meta: dict) -> Memory:
             return Memory({n: tensors[f"{prefix}.{n}"] for n in wise.wrapper.value_names},
                           math.inf if meta["min_act"] is None else meta["min_act"], list(meta["shards"]),
-                          meta["edits"], meta["kind"], list(meta.get("irrelevant_acts", [])))
+                          meta["edits"], meta["kind"], list(meta.get("calibration_acts", [])))
         wise.memories = [memory(f"memory{j}", meta) for j, meta in enumerate(manifest["memories"])]
         wise.pending = [memory(f"pending{j}", meta) for j, meta in enumerate(manifest["pending"])]
         wise.side = memory("side", manifest["side"])
@@ -1033,6 +1053,7 @@ class WISE:
         g = manifest["global_min_act"]
         wise.global_min_act = math.inf if g is None else g
         wise.total_edits, wise.merges = manifest["total_edits"], manifest["merges"]
+        wise.calibration_texts = list(manifest.get("calibration_texts", []))
         wise.generator.set_state(torch.tensor(manifest["generator_state"], dtype=torch.uint8))
         path_edits = directory / "edits.jsonl"
         wise.edit_log = [json.loads(line) for line in path_edits.read_text(encoding="utf-8").splitlines()

@@ -42,6 +42,19 @@ def test_epoch_follows_the_edit_set_and_out_of_scope_cycles():
     assert sorted(outs[:5]) == list(range(5))
 
 
+def test_held_out_out_of_scope_records_never_enter_the_stream():
+    dm = EditDataModule("zsre", num_edits=10, seed=0, batch_size=4, out_batch_size=6, max_out_of_scope=12)
+    dm.connect(held_out=4)
+    held = dm.held_out_out_of_scope
+    assert len(held) == 4 and len(dm.training_out_of_scope) == 8
+    assert set(held) | set(dm.training_out_of_scope) == set(dm.out_of_scope)
+    streamed = {p for b, _, _ in dm.train_dataloader() for p in b["out"]["prompt"]}
+    assert streamed == {r.prompt for r in dm.training_out_of_scope}            # 18 draws cycle over all 8
+    assert held == dm.held_out_out_of_scope                                  # the same sample every time
+    with pytest.raises(ValueError, match="Cannot hold out 12 of the 12"):
+        dm.connect(held_out=12)
+
+
 def test_cycling_sampler_continues_across_epochs():
     s = CyclingSampler(4, 6, seed=1)
     first, second = list(s), list(s)

@@ -442,24 +442,42 @@ def test_short_batch_mid_stream_is_a_shard_of_its_own():
 
 
 
-def test_eps_quantile_keeps_the_trained_irrelevant_texts_on_the_main_memory():
-    """eps_quantile=1: ε is at least the largest Δ_act among the memory's irrelevant texts, so none
-    of them is routed to it; without it (the paper's ε from the edits) the tiny memory takes them."""
+def test_eps_quantile_keeps_the_held_out_texts_on_the_main_memory():
+    """eps_quantile=1 with calibration texts: ε is at least the largest Δ_act among them on the
+    memory's final weights, so none of them is routed to it; without it (the paper's ε from the
+    edits) the tiny memory takes them. The margin loss never sees the calibration texts."""
     routed = {}
     for q in (None, 1.0):
         with attached("tiny_llama", batch_size=3, save_freq=3, merge_freq=3, variant="retrieve",
                       act_ratio=0.05, eps_quantile=q) as wise:
+            wise.calibrate(PROBES)
             wise.edit(FACTS, IRRELEVANT)
             wise.commit()
             (memory, eps), = wise.wrapper.candidates
-            assert len(memory.irrelevant_acts) == len(IRRELEVANT)
+            assert len(memory.calibration_acts) == len(PROBES)
+            with torch.no_grad():
+                fresh = wise._irrelevant_gaps(wise._irrelevant_tokens(PROBES), memory.weights).tolist()
+            assert memory.calibration_acts == pytest.approx(fresh)
             if q == 1.0:
-                assert eps == pytest.approx(max(max(memory.irrelevant_acts), 0.05 * memory.min_act))
-            route, _ = wise.routes(IRRELEVANT)
+                assert eps == pytest.approx(max(max(memory.calibration_acts), 0.05 * memory.min_act))
+            route, _ = wise.routes(PROBES)
             routed[q] = int((route >= 0).sum())
-    assert routed[1.0] == 0 and routed[None] == len(IRRELEVANT)
+    assert routed[1.0] == 0 and routed[None] == len(PROBES)
     with pytest.raises(ValueError, match="eps_quantile"):
         WISEHParams.from_dict({"eps_quantile": 0.0})
+
+
+def test_a_merged_memory_is_calibrated_on_its_own_weights():
+    with attached("tiny_llama", n_iter=2, save_freq=1, merge_freq=2, variant="retrieve", eps_quantile=0.5) as wise:
+        wise.calibrate(PROBES)
+        for f in FACTS[:2]:
+            wise.edit([f], IRRELEVANT)
+            wise.commit()
+        merged, = wise.memories
+        assert merged.kind == "merged"
+        with torch.no_grad():
+            fresh = wise._irrelevant_gaps(wise._irrelevant_tokens(PROBES), merged.weights).tolist()
+        assert merged.calibration_acts == pytest.approx(fresh)
 
 
 # --------------------------------------------------------------------------- persistence
@@ -468,10 +486,11 @@ def test_eps_quantile_keeps_the_trained_irrelevant_texts_on_the_main_memory():
 def test_save_load_round_trip_and_refusals(tmp_path):
     model, tok = _load("tiny_llama")
     with attached("tiny_llama", n_iter=2, save_freq=1, merge_freq=2, variant="retrieve", eps_quantile=0.5) as wise:
+        wise.calibrate(PROBES)
         for f in FACTS:
             wise.edit([f], IRRELEVANT)
             wise.commit()
-        irrelevant_acts = [m.irrelevant_acts for m in wise.memories]
+        calibration_acts = [m.calibration_acts for m in wise.memories]
         ids, mask = prompt_batch(tok, PROBES + [f.prompt for f in FACTS])
         want = wise.logits(None, ids, mask, 3)
         thresholds = [e for _, e in wise.wrapper.candidates]
@@ -483,7 +502,8 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         assert [e for _, e in loaded.wrapper.candidates] == pytest.approx(thresholds)
         assert torch.equal(loaded.logits(None, ids, mask, 3), want)
         assert [m.kind for m in loaded.memories] == ["merged", "shard"] and loaded.total_edits == 3
-        assert [m.irrelevant_acts for m in loaded.memories] == irrelevant_acts and len(irrelevant_acts[0]) == 4
+        assert [m.calibration_acts for m in loaded.memories] == calibration_acts
+        assert len(calibration_acts[0]) == len(PROBES) and loaded.calibration_texts == PROBES
         assert len(loaded.edit_log) == 3
     finally:
         loaded.remove()
@@ -579,15 +599,23 @@ def test_stage_pairs_each_edit_with_irrelevant_per_edit_texts(tiny_cfg, tmp_path
     from mindbridge.wise import WISE
     from train import train
     seen: list[tuple[int, int]] = []
+    trained_on: set[str] = set()
+    calibrated_on: list[str] = []
     real = WISE.edit
 
     def spy(self, facts, irrelevant):
         seen.append((len(facts), len(irrelevant)))
+        trained_on.update(irrelevant)
+        calibrated_on[:] = self.calibration_texts
         return real(self, facts, irrelevant)
     monkeypatch.setattr(WISE, "edit", spy)
     run = tmp_path / "run"
     cfg = tiny_cfg("stage=wise", "model=wise", "model.n_iter=1", "model.prefix_lengths=[3]",
-                   "model.prefixes_per_length=1", "model.batch_size=2", "model.irrelevant_per_edit=3", run_dir=run)
+                   "model.prefixes_per_length=1", "model.batch_size=2", "model.irrelevant_per_edit=3",
+                   "model.calibration_prompts=5", run_dir=run)
     train(cfg, run)
     assert seen == [(2, 6)] * 4
-    assert json.loads((run / "metrics.json").read_text())["wise_irrelevant_per_edit"] == 3
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["wise_irrelevant_per_edit"] == 3 and m["wise_calibration_prompts"] == 5
+    # eps_quantile's calibration prompts are held out of what the margin loss trains against.
+    assert len(set(calibrated_on)) == 5 and not trained_on & set(calibrated_on)
