@@ -244,21 +244,23 @@ class EditDataModule(L.LightningDataModule):
     def out_of_scope(self) -> tuple[IrrelevantRecord, ...]:
         return self.split.out_of_scope
 
+    def _held_out_indices(self) -> set[int]:
+        if not self.held_out_size:
+            return set()
+        return set(random.Random(self.seed + 2).sample(range(len(self.out_of_scope)), self.held_out_size))
+
     @property
     def held_out_out_of_scope(self) -> tuple[IrrelevantRecord, ...]:
         """`held_out_size` out-of-scope records (a seeded sample) that the out-of-scope stream never
         yields: a method calibrates on them what training pushed down on the others."""
-        if not self.held_out_size:
-            return ()
-        pool = self.out_of_scope
-        picked = sorted(random.Random(self.seed + 2).sample(range(len(pool)), self.held_out_size))
-        return tuple(pool[i] for i in picked)
+        held = self._held_out_indices()
+        return tuple(r for i, r in enumerate(self.out_of_scope) if i in held)
 
     @property
     def training_out_of_scope(self) -> tuple[IrrelevantRecord, ...]:
         """The out-of-scope stream's records: all of them but the held-out ones."""
-        held = set(map(id, self.held_out_out_of_scope))
-        return tuple(r for r in self.out_of_scope if id(r) not in held)
+        held = self._held_out_indices()
+        return tuple(r for i, r in enumerate(self.out_of_scope) if i not in held)
 
     @property
     def paraphrase_pairs(self) -> tuple[tuple[str, str], ...]:
