@@ -477,3 +477,28 @@ def test_stage_neuraldb_end_to_end(tiny_cfg, tmp_path):
     cfg = tiny_cfg("stage=neuraldb", "model=neuraldb", f"model.database={saved}", "data.seed=5", run_dir=tmp_path / "x")
     with pytest.raises(ArtifactError, match="differ from the 8 edits"):
         train(cfg, tmp_path / "x")
+
+
+def test_counterfact_prompt_types_pairs_each_fact_with_its_own_prompts():
+    """benchmarks/counterfact_prompt_types.py: the flat file's rephrase prompt of a fact is labelled
+    by what it is in the same fact's ROME record; a fact outside the ROME file is refused."""
+    from benchmarks.counterfact_prompt_types import FLAT_FILES, ROME_FILE, scoring_sets
+    from data.readers import bundled_path, read_records
+    rome = {r.case_id: r for r in read_records(bundled_path(ROME_FILE), dedupe=False)}
+    flat = {r.case_id: r for f in FLAT_FILES for r in read_records(bundled_path(f), dedupe=False)}
+    both = [cid for cid in rome if cid in flat][:40]
+    facts = [Fact(cid, rome[cid].subject, rome[cid].prompt, rome[cid].target_new) for cid in both]
+    rows = scoring_sets(facts, rome, flat)
+    kinds = {k for k, *_ in rows}
+    assert {"rome_paraphrase", "flat_is_generation"} <= kinds
+    for kind, i, prompt, target in rows:
+        record = rome[both[i]]
+        assert target == record.target_new
+        if kind == "rome_paraphrase":
+            assert prompt in record.rephrase_prompts
+        else:
+            assert prompt in flat[both[i]].rephrase_prompts
+            assert (prompt in record.generation_prompts) == (kind == "flat_is_generation")
+    assert sum(k == "rome_paraphrase" for k, *_ in rows) == sum(len(rome[c].rephrase_prompts) for c in both)
+    with pytest.raises(SystemExit, match="not a CounterFact fact in ROME form"):
+        scoring_sets([Fact("no-such-case", "X", "X is in", "Y")], rome, flat)
