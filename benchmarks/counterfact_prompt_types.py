@@ -29,6 +29,14 @@ ROME_FILE = "counterfact/counterfact_portability_gpt4.json"
 FLAT_FILES = ("counterfact/counterfact-train.json", "counterfact/counterfact-edit.json")
 
 
+def read_facts_files() -> tuple[dict, dict]:
+    """The bundled CounterFact records by case id: ROME form, and the flat files (train and edit)."""
+    from data.readers import bundled_path, read_records
+    rome = {r.case_id: r for r in read_records(bundled_path(ROME_FILE), dedupe=False)}
+    flat = {r.case_id: r for f in FLAT_FILES for r in read_records(bundled_path(f), dedupe=False)}
+    return rome, flat
+
+
 def prompt_kind(prompt: str, rome_record) -> str:
     if prompt in rome_record.rephrase_prompts:
         return "flat_is_paraphrase"
@@ -63,13 +71,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from benchmarks.neuraldb import load_llm
-    from data.readers import bundled_path, read_records
-    from mindbridge.evaluation import ScoringItem, score_targets
+    from mindbridge.evaluation import PROTOCOL, ScoringItem, score_targets
     from mindbridge.neuraldb import NeuralDB
 
     torch.set_num_threads(args.threads)
-    rome = {r.case_id: r for r in read_records(bundled_path(ROME_FILE), dedupe=False)}
-    flat = {r.case_id: r for f in FLAT_FILES for r in read_records(bundled_path(f), dedupe=False)}
+    rome, flat = read_facts_files()
     llm, tok, identity = load_llm(args.llm)
     db = NeuralDB.load(args.database, llm, tok, llm_name=args.llm, llm_identity=identity)
     rows = scoring_sets(db.facts, rome, flat)
@@ -78,7 +84,7 @@ def main() -> None:
     pre = score_targets(db.unedited, items, args.batch_size)
 
     result = {"database": str(args.database), "llm": args.llm, "gamma": db.gamma, "num_facts": len(db.facts),
-              "protocol": "easyedit_teacher_forced_token_accuracy"}
+              "protocol": PROTOCOL}
     for kind in sorted({k for k, *_ in rows}):
         idx = [n for n, (k, *_) in enumerate(rows) if k == kind]
 

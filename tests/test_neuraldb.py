@@ -482,10 +482,8 @@ def test_stage_neuraldb_end_to_end(tiny_cfg, tmp_path):
 def test_counterfact_prompt_types_pairs_each_fact_with_its_own_prompts():
     """benchmarks/counterfact_prompt_types.py: the flat file's rephrase prompt of a fact is labelled
     by what it is in the same fact's ROME record; a fact outside the ROME file is refused."""
-    from benchmarks.counterfact_prompt_types import FLAT_FILES, ROME_FILE, scoring_sets
-    from data.readers import bundled_path, read_records
-    rome = {r.case_id: r for r in read_records(bundled_path(ROME_FILE), dedupe=False)}
-    flat = {r.case_id: r for f in FLAT_FILES for r in read_records(bundled_path(f), dedupe=False)}
+    from benchmarks.counterfact_prompt_types import read_facts_files, scoring_sets
+    rome, flat = read_facts_files()
     both = [cid for cid in rome if cid in flat][:40]
     facts = [Fact(cid, rome[cid].subject, rome[cid].prompt, rome[cid].target_new) for cid in both]
     rows = scoring_sets(facts, rome, flat)
