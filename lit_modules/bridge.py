@@ -38,7 +38,7 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
                  weight_decay: float = 0.0, warmup_fraction: float = 0.1, feature_noise: float = 0.0,
                  paraphrase_jitter: float = 0.0, kl_answer_tokens: int = 0, prefix_prob: float = 0.0,
                  prefix_variants: int = 2, lm_head_dtype: str | None = None, train_vocab_top_k: int | None = None,
-                 lora: dict | None = None):
+                 rewording_prob: float = 0.0, lora: dict | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["llm", "tokenizer", "encoders", "projectors"])
         # Several memories (Multi-MindBridge, Eq. 7) train their projectors jointly: one soft
@@ -64,6 +64,7 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         self._edit_texts: list[str] = []
         self._prefix_probs = torch.zeros(0)      # per edit
         self._copies = 0                         # prefixed copies per edit prompt
+        self._reworded = 0                       # rewording slots per edit prompt (after the copies)
         # A lower-precision copy of the frozen LM head's weight for the student (`lm_head_dtype`),
         # made on the training device at fit start ("auto" depends on that device).
         self._head_dtype_choice = lm_head_dtype_choice(lm_head_dtype)
@@ -111,7 +112,8 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
     def prepare(self, edit_prompts: list[str], out_prompts: list[str], batch_size: int = 32,
                 paraphrase_pairs: Sequence[tuple[str, str]] = (), prefixes: Sequence[str] = (),
                 prefix_probs: Sequence[float] | None = None, edit_targets: Sequence[str] | None = None,
-                old_targets: Sequence[str | None] = (), out_answers: Sequence[str | None] | None = None) -> None:
+                old_targets: Sequence[str | None] = (), out_answers: Sequence[str | None] | None = None,
+                rewordings: Sequence[Sequence[str]] | None = None) -> None:
         """Cache what does not change while the projector trains (call before `fit`).
 
         `paraphrase_pairs` are (question, rephrase) pairs of facts that are not edited; their
@@ -128,6 +130,13 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
         self._prefix_probs = torch.tensor(probs, dtype=torch.float)
         self._copies = self.hparams.prefix_variants if max(probs, default=0.0) > 0 else 0
         self._edit_texts = list(edit_prompts) + self._prefixed_copies(list(edit_prompts), list(prefixes))
+        if rewordings is not None and self.hparams.rewording_prob > 0:
+            if len(rewordings) != n:
+                raise ValueError(f"{len(rewordings)} rewording lists for {n} edits")
+            # A fixed number of slots per edit (its own prompt where it has fewer rewordings).
+            self._reworded = max((len(r) for r in rewordings), default=0)
+            self._edit_texts += [r[k] if k < len(r) else p for k in range(self._reworded)
+                                 for p, r in zip(edit_prompts, rewordings)]
         edit_prompts = self._edit_texts
         use_pairs = self.hparams.paraphrase_jitter > 0 and len(paraphrase_pairs) > 0
         for encoder, projector in zip(self.edited.encoders, self.edited.projectors):
@@ -209,12 +218,19 @@ class MemoryBridgeModule(TrainableOnlyCheckpoint):
 
     def _edit_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows of the edit tables for a batch of edits: while training, with the edit's prefix
-        probability a random prefixed copy instead of the bare prompt."""
-        if not self.training or self._copies < 1:
+        probability a random prefixed copy instead of the bare prompt, else with `rewording_prob`
+        one of its rewordings."""
+        if not self.training or self._copies + self._reworded < 1:
             return index
-        use = torch.rand(len(index)) < self._prefix_probs[index.cpu()]
-        copy = torch.randint(1, self._copies + 1, (len(index),))
-        return index + use.long() * copy * len(self._prefix_probs)
+        n = len(self._prefix_probs)
+        slot = torch.zeros(len(index), dtype=torch.long)
+        if self._copies:
+            use = torch.rand(len(index)) < self._prefix_probs[index.cpu()]
+            slot = use.long() * torch.randint(1, self._copies + 1, (len(index),))
+        if self._reworded:
+            use = (slot == 0) & (torch.rand(len(index)) < self.hparams.rewording_prob)
+            slot = torch.where(use, self._copies + torch.randint(1, self._reworded + 1, (len(index),)), slot)
+        return index + slot.to(index.device) * n
 
     def _teacher_logits(self, index: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         missing = [k for k, i in enumerate(index.tolist()) if i not in self._teacher]

@@ -19,19 +19,21 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
 
     Prefix augmentation (official code, spec §5): with probability `prefix_prob` an edit's text
     gets a random distractor prefix before the encoder reads it (the official pool is 25% blank,
-    i.e. prefix_prob 0.75). Our prefixes are out-of-scope prompts of the same batch: text of
-    records that are not edited, never evaluated, so no extra data is needed.
+    i.e. prefix_prob 0.75). Our prefixes are the out-of-scope prompts of the same batch, finished
+    with their answers: text of records that are not edited, never evaluated.
     """
 
     def __init__(self, encoder: MemoryEncoder, lambda_inject: float = 1.0, lambda_associate: float = 1.0,
                  lambda_exist: float = 1.0, inject_epochs: int = 10, heads_epochs: int = 2,
                  joint_epochs: int = 20, joint_from_start: bool = False, lr: float = 2e-4,
                  weight_decay: float = 0.01, warmup_fraction: float = 0.05, span_mask_prob: float = 0.5,
-                 word_mask_prob: float = 0.1, prefix_prob: float = 0.0, seed: int = 0):
+                 word_mask_prob: float = 0.1, prefix_prob: float = 0.0, rewording_prob: float = 0.0,
+                 seed: int = 0):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         self.writer = MemoryWriter(encoder)
         self.rng = random.Random(seed)
+        self.rewordings: list[list[str]] = []
 
     @property
     def encoder(self) -> MemoryEncoder:
@@ -61,7 +63,6 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
         phase = self.phase(self.current_epoch)
         edit, out = batch["edit"], batch["out"]
         tok, max_len = self.encoder.tokenizer, self.encoder.max_length
-        facts = list(zip(edit["subject"], self.with_prefixes(edit["prompt"], out["prompt"]), edit["target"]))
         use_inject = hp.lambda_inject > 0
         use_assoc = phase != "inject" and hp.lambda_associate > 0
         use_exist = phase != "inject" and hp.lambda_exist > 0
@@ -69,16 +70,26 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
             use_assoc, use_exist = hp.lambda_associate > 0, hp.lambda_exist > 0
         if phase == "heads" and not (use_assoc or use_exist):
             return None          # the heads phase trains only H and Q_M; with λ2 = λ3 = 0 it has nothing to do
-        inject = inject_batch(tok, facts, self.rng, max_len, hp.span_mask_prob, hp.word_mask_prob) if use_inject else None
-        # The memory (encoder side) reads the prefixed prompt; the frozen copy M reads the bare fact.
-        associate = ([p for _, p, _ in facts],
-                     associate_batch(tok, list(zip(edit["prompt"], edit["target"])), max_len)) if use_assoc else None
+        facts = list(zip(edit["subject"], edit["prompt"], edit["target"]))
+        inject = inject_batch(tok, facts, self.rng, max_len, hp.span_mask_prob, hp.word_mask_prob) \
+            if use_inject else None
+        # What the memory reads (L_associate, and L_exist's in-scope half): the prompt or, with
+        # probability `rewording_prob`, one of its rewordings, behind a distractor prefix (finished
+        # sentences of records not edited) with probability `prefix_prob`. L_inject writes the fact
+        # in its own words: its random word masks would otherwise ask the encoder to memorise
+        # distractor text.
+        index = edit["index"].tolist() if "index" in edit else list(range(len(edit["prompt"])))
+        sentences = [f"{p} {a}." if a else p for p, a in zip(out["prompt"], out.get("answer") or out["prompt"])]
+        read = self.with_prefixes(self.reworded(index, edit["prompt"]), sentences)
+        # The frozen copy M reads the bare fact.
+        associate = (read, associate_batch(tok, list(zip(edit["prompt"], edit["target"])), max_len)) \
+            if use_assoc else None
         exist = None
         if use_exist:
-            # Balanced in-scope (edited prompts, shared with the associate rows) vs out-of-scope
+            # Balanced in-scope (what the memory read for the associate rows) vs out-of-scope
             # (prompts of non-edited records).
-            half = min(len(edit["prompt"]), len(out["prompt"]))
-            texts = list(edit["prompt"][:half]) + list(out["prompt"][:half])
+            half = min(len(read), len(out["prompt"]))
+            texts = list(read[:half]) + list(out["prompt"][:half])
             exist = (texts, torch.tensor([1] * half + [0] * half))
         if inject is None and associate is None and exist is None:
             raise ValueError("All pretraining losses are switched off (λ1 = λ2 = λ3 = 0).")
@@ -91,6 +102,17 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
         self.log("train/loss", total, on_step=False, on_epoch=True, batch_size=bs)
         return total
 
+    def set_rewordings(self, rewordings: list[list[str]]) -> None:
+        """Other wordings of each edit's prompt (by edit index), from records that are not edited."""
+        self.rewordings = [list(r) for r in rewordings]
+
+    def reworded(self, index: list[int], prompts: list[str]) -> list[str]:
+        """Each edit's prompt, or with probability `rewording_prob` one of its rewordings."""
+        if self.hparams.rewording_prob <= 0 or not self.rewordings:
+            return list(prompts)
+        return [self.rng.choice(self.rewordings[i]) if self.rewordings[i] and self.rng.random() < self.hparams.rewording_prob
+                else p for i, p in zip(index, prompts)]
+
     def with_prefixes(self, prompts: list[str], pool: list[str]) -> list[str]:
         """Prepend a random prefix from `pool` to each prompt with probability `prefix_prob`."""
         if self.hparams.prefix_prob <= 0 or not pool:
@@ -100,7 +122,9 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
 
     def configure_optimizers(self):
         params = [p for n, p in self.writer.named_parameters() if not n.startswith("frozen_copy.")]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # fused: one kernel for every tensor's update (a twentieth of a Stage I step otherwise).
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                fused=self.device.type in ("cpu", "cuda"))
         total, _ = self.epoch_steps()
         sched = warmup_cosine(opt, total, int(self.hparams.warmup_fraction * total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

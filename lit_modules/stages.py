@@ -6,6 +6,7 @@ it measured into a shared `metrics` dict that ends up in `<run dir>/metrics.json
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,14 +29,17 @@ from lit_modules.unike import unike, unike_ablation, unike_mm
 from lit_modules.pretrain import MemoryPretrainModule
 from lit_modules.wise import wise
 from mindbridge.artifacts import (ArtifactError, bridge_dir, bridge_name, directory_digest, load_bridge,
-                                  load_bridge_adapters, load_exist_head, load_memory, read_facts, read_manifest,
+                                  load_bridge_adapters, load_exist_head, load_gate, load_memory, read_facts, read_manifest,
                                   save_bridge, save_memory)
 from mindbridge.bridge import MemoryAugmentedLM, MemoryProjector, MemoryProjectorConfig, lora_state
 from mindbridge.encoder import MemoryEncoder
 from mindbridge.evaluation import evaluate_edits
+from mindbridge.gate import build_gate
 from mindbridge.lm import PlainLM
 from mindbridge.loading import load_causal_lm, load_masked_lm, model_identity, tensors_fingerprint
-from mindbridge.pretraining import fit_mlm_head
+from mindbridge.pretraining import fit_mlm_head, masked_recall
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,9 +145,18 @@ def pretrain(ctx: RunContext) -> None:
     # Text that is not edited: the out-of-scope stream.
     head_acc = fit_mlm_head(encoder, [o.prompt for o in dm.out_of_scope], steps=ecfg.mlm_head_warmup_steps,
                             seed=cfg.seed)
-    hp = {k: v for k, v in OmegaConf.to_container(pcfg).items() if k != "batch_size"}
+    hp = {k: v for k, v in OmegaConf.to_container(pcfg).items()
+          if k not in ("batch_size", "out_batch_size", "prefix_datasets", "rewordings")}
+    # Prefix augmentation only for the datasets whose evaluation prompts open with other text.
+    if dm.name not in set(pcfg.prefix_datasets or ()):
+        hp["prefix_prob"] = 0.0
     module = MemoryPretrainModule(encoder, seed=cfg.seed, **hp)
-    dm.connect(None, batch_size=pcfg.batch_size, out_batch_size=pcfg.batch_size)
+    if pcfg.rewordings:
+        module.set_rewordings(edit_rewordings(dm, int(pcfg.rewordings)))
+    # Out-of-scope prompts Stage I never trains on, for the read gate's threshold.
+    gcfg = cfg.model.gate
+    held_out = gate_held_out(int(gcfg.held_out), len(dm.out_of_scope))
+    dm.connect(None, batch_size=pcfg.batch_size, out_batch_size=pcfg.out_batch_size, held_out=held_out)
     epochs = pcfg.joint_epochs + (0 if pcfg.joint_from_start else pcfg.inject_epochs + pcfg.heads_epochs)
     trainer = make_trainer(ctx, "pretrain", epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, "pretrain"),
@@ -151,13 +164,28 @@ def pretrain(ctx: RunContext) -> None:
     seconds = time.perf_counter() - start
     encoder.requires_grad_(False).eval()
     diag = existence_diagnostics(module, dm)
+    gate, gate_info = build_gate(encoder, [r.prompt for r in dm.edits],
+                                 [o.prompt for o in dm.held_out_out_of_scope], gcfg.false_open_rate)
+    if gate_info["calibration_score_median"] > 0.99:
+        log.warning("Stage I collapsed the memory: the held-out out-of-scope prompts sit on the stored facts "
+                    "(median similarity %.3f); lower model.pretrain.lr.", gate_info["calibration_score_median"])
     logged = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items()}
     info = {"encoder": ecfg.name, "dataset": dm.name, "data_seed": dm.seed, "data_path": str(dm.resolved_path()),
             "pretrain_seconds": seconds,
             "mlm_head_warmup_acc": head_acc, "final_losses": logged, **diag}
-    save_memory(out_dir, encoder, dm.edits, dm.facts_hash(), info, exist_head=module.writer.exist_head.state_dict())
+    save_memory(out_dir, encoder, dm.edits, dm.facts_hash(), info, exist_head=module.writer.exist_head.state_dict(),
+                gate=gate, gate_info=gate_info)
     ctx.metrics.update({"encoder": ecfg.name, "pretrain_seconds": seconds, "memory": str(out_dir),
-                        **{f"pretrain_{k}": v for k, v in logged.items()}, **diag})
+                        **{f"pretrain_{k}": v for k, v in logged.items()}, **diag,
+                        "gate_threshold": gate.threshold, **{f"gate_{k}": v for k, v in gate_info.items()}})
+
+
+def edit_rewordings(dm: EditDataModule, count: int) -> list[list[str]]:
+    """Up to `count` other wordings of each edit's prompt, with its own subject, borrowed from the
+    rewordings of records that are not edited (never an evaluation prompt)."""
+    from data.rewordings import RewordingBank
+    bank = RewordingBank(dm.split.rewording_templates, dm.edits)
+    return [bank.for_prompt(r.subject, r.prompt, count, seed=str(dm.seed)) for r in dm.edits]
 
 
 @torch.no_grad()
@@ -172,7 +200,10 @@ def existence_diagnostics(module: MemoryPretrainModule, dm: EditDataModule) -> d
         if not texts:
             return float("nan")
         return 100.0 * (head(enc.encode(texts)).argmax(-1) == 1).float().mean().item()
-    return {"exist_in_scope_rate_rel": in_scope_rate([r.prompt for r in dm.edits]),
+    facts = [(r.subject, r.prompt, r.target_new) for r in dm.edits]
+    return {"memory_object_recall": masked_recall(enc, facts, "object"),
+            "memory_subject_recall": masked_recall(enc, facts, "subject"),
+            "exist_in_scope_rate_rel": in_scope_rate([r.prompt for r in dm.edits]),
             "exist_in_scope_rate_gen": in_scope_rate([p for r in dm.edits for p in r.rephrase_prompts]),
             "exist_in_scope_rate_loc": in_scope_rate([p for r in dm.edits for p in r.loc_prompts])}
 
@@ -245,7 +276,7 @@ def bridge(ctx: RunContext) -> None:
             projector.init_gate_from_exist_head(load_exist_head(directory, manifest))
     hp = {k: bcfg[k] for k in ("lambda_kl", "kl_temperature", "lr", "weight_decay", "warmup_fraction",
                                "feature_noise", "paraphrase_jitter", "kl_answer_tokens", "prefix_prob",
-                               "prefix_variants", "lm_head_dtype", "train_vocab_top_k")}
+                               "prefix_variants", "lm_head_dtype", "train_vocab_top_k", "rewording_prob")}
     lora = None
     if bcfg.lora:
         if len(loaded) > 1:
@@ -262,7 +293,8 @@ def bridge(ctx: RunContext) -> None:
                    paraphrase_pairs=dm.paraphrase_pairs, prefixes=prefixes,
                    prefix_probs=[bcfg.prefix_prob if r.dataset in augmented else 0.0 for r in dm.edits],
                    edit_targets=[r.target_new for r in dm.edits], old_targets=[r.target_true for r in dm.edits],
-                   out_answers=[o.answer for o in dm.out_of_scope])
+                   out_answers=[o.answer for o in dm.out_of_scope],
+                   rewordings=edit_rewordings(dm, int(bcfg.rewordings)) if bcfg.rewordings else None)
     dm.connect(tok, batch_size=bcfg.batch_size, out_batch_size=bcfg.out_batch_size)
     trainer = make_trainer(ctx, f"bridge-{cfg.llm.name}", bcfg.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, f"bridge-{cfg.llm.name}"),
@@ -311,12 +343,18 @@ def evaluate(ctx: RunContext) -> None:
     name = bridge_name(cfg.llm.name, manifests)
     bridges = [load_bridge(d, name, ctx.llm_identity, m) for d, m in zip(ctx.memory_dirs, manifests)]
     adapted = load_bridge_adapters(ctx.memory_dirs[0], name, llm, bridges[0][1])
-    edited = MemoryAugmentedLM(adapted, tok, [e for e, _ in loaded], [p for p, _ in bridges]).eval()
+    gates = memory_gates(ctx, manifests)
+    edited = MemoryAugmentedLM(adapted, tok, [e for e, _ in loaded], [p for p, _ in bridges], gates).eval()
     plain = PlainLM(adapted, tok)            # switches any adapters off
     start = time.perf_counter()
     with progress_bar("evaluating") as advance:
         m = evaluate_edits(edited, plain, ctx.data().edits, cfg.model.eval.batch_size, advance)
         ctx.metrics.update(m)
+        ctx.metrics["gate"] = edited.gated
+        if edited.gated:
+            # The calibration prompts are those of a single memory's own split.
+            held_out = (manifests[0].get("gate") or {}).get("calibration_prompts", 0) if len(manifests) == 1 else 0
+            ctx.metrics.update(gate_open_rates(edited, ctx.data(), held_out))
         if len(loaded) > 1:
             _score_each_memory(ctx, edited, plain, loaded, advance)
     ctx.metrics["eval_seconds"] = time.perf_counter() - start
@@ -325,6 +363,43 @@ def evaluate(ctx: RunContext) -> None:
     ctx.metrics["encoder"] = manifests[0].get("encoder", ctx.metrics.get("encoder"))   # the memory's, not the config's
     ctx.metrics.setdefault("pretrain_seconds", manifests[0].get("pretrain_seconds"))
     ctx.metrics.setdefault("bridge_seconds", bridges[0][1].get("bridge_seconds"))
+
+
+def memory_gates(ctx: RunContext, manifests: list[dict]):
+    """The memories' read gates (`model.gate.enabled`), or None: every memory read for every prompt."""
+    if not ctx.cfg.model.gate.enabled:
+        return None
+    return [load_gate(d, m) for d, m in zip(ctx.memory_dirs, manifests)]
+
+
+def gate_held_out(requested: int, available: int) -> int:
+    """How many out-of-scope prompts Stage I keeps back for the gate: `requested`, at most a
+    quarter of the stream (the rest is what L_exist trains on)."""
+    if available < 8:
+        raise ValueError(f"The split has {available} out-of-scope prompts; the memory needs at least 8 (to train "
+                         "L_exist and calibrate its read gate). Lower data.num_edits or add data.pool_path=FILE.")
+    if requested > available // 4:
+        log.info("model.gate.held_out: holding out %d out-of-scope prompts (a quarter of %d), not %d.",
+                 available // 4, available, requested)
+    return max(1, min(requested, available // 4))
+
+
+@torch.no_grad()
+def gate_open_rates(edited: MemoryAugmentedLM, dm: EditDataModule, held_out: int) -> dict[str, float]:
+    """How often some memory is read, per prompt kind (%): edit prompts, paraphrases, locality
+    prompts, and the `held_out` out-of-scope prompts kept out of Stage I for calibration."""
+    if held_out and dm.held_out_size != held_out:
+        dm.connect(dm.tokenizer, held_out=held_out)
+    kinds = {"rel": [r.prompt for r in dm.edits],
+             "gen": [p for r in dm.edits for p in r.rephrase_prompts],
+             "loc": [p for r in dm.edits for p in r.loc_prompts],
+             "out_of_scope": [o.prompt for o in dm.held_out_out_of_scope] if held_out else []}
+    rates = {}
+    for kind, prompts in kinds.items():
+        if prompts:
+            opened = edited.open_gates(edited.memory_features(prompts)).any(0)
+            rates[f"gate_open_rate_{kind}"] = 100.0 * opened.float().mean().item()
+    return rates
 
 
 def _score_each_memory(ctx: RunContext, edited: MemoryAugmentedLM, plain: PlainLM,
@@ -337,7 +412,8 @@ def _score_each_memory(ctx: RunContext, edited: MemoryAugmentedLM, plain: PlainL
         if not bridge_dir(directory, cfg.llm.name).is_dir():
             continue
         projector, _ = load_bridge(directory, cfg.llm.name, ctx.llm_identity, manifest)
-        alone = MemoryAugmentedLM(edited.llm, edited.tokenizer, [encoder], [projector]).eval()
+        gate = None if edited.gates[i] is None else [edited.gates[i]]
+        alone = MemoryAugmentedLM(edited.llm, edited.tokenizer, [encoder], [projector], gate).eval()
         single = evaluate_edits(alone, plain, facts, cfg.model.eval.batch_size, advance)
         ctx.metrics.update({f"memory{i}_single_{k}": single[k] for k in keys})
         ctx.metrics.update({f"memory{i}_drop_{k}": single[k] - multi[k] for k in keys})
@@ -355,7 +431,7 @@ def ask(ctx: RunContext) -> None:
         raise ValueError('stage=ask needs a question: add +question="Who is ...?" (or a list).')
     questions = [questions] if isinstance(questions, str) else list(questions)
     llm, tok = ctx.load_llm()
-    edited = load_edited_llm(llm, tok, cfg.llm.name, ctx.memory_dirs)
+    edited = load_edited_llm(llm, tok, cfg.llm.name, ctx.memory_dirs, gated=cfg.model.gate.enabled)
     before = edited.generate(questions, max_new_tokens=cfg.get("max_new_tokens", 16), use_memory=False)
     after = edited.generate(questions, max_new_tokens=cfg.get("max_new_tokens", 16))
     table = Table(title=f"{cfg.llm.name} without / with the memory at {', '.join(map(str, ctx.memory_dirs))}")

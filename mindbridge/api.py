@@ -14,19 +14,20 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mindbridge.artifacts import bridge_name, load_bridge, load_bridge_adapters, load_memory
+from mindbridge.artifacts import bridge_name, load_bridge, load_bridge_adapters, load_gate, load_memory
 from mindbridge.bridge import MemoryAugmentedLM
 from mindbridge.loading import model_identity
 
 
 def load_edited_llm(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, llm_name: str,
-                    memories: Sequence[str | Path]) -> MemoryAugmentedLM:
+                    memories: Sequence[str | Path], gated: bool = True) -> MemoryAugmentedLM:
     """Attach memories (each with a bridge for `llm_name`) to a loaded LLM.
 
     With several memories, the projectors must come from one joint `stage=bridge
     memory=[DIR1,DIR2,...]` run (they are stored under a group name in each memory).
     Every bridge is checked against the memory's encoder and the LLM's identity; a mismatch is
-    refused with an `ArtifactError` saying what differs.
+    refused with an `ArtifactError` saying what differs. `gated`: each memory is read only for the
+    prompts its read gate opens for (False: for every prompt, as the paper does).
     """
     identity = model_identity(llm, llm_name)
     loaded = [load_memory(directory) for directory in memories]
@@ -35,4 +36,6 @@ def load_edited_llm(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ll
     bridges = [load_bridge(directory, name, identity, manifest) for directory, (_, manifest) in zip(memories, loaded)]
     # Adapters trained with a single memory's bridge (bridge.lora) go into the LLM itself.
     llm = load_bridge_adapters(memories[0], name, llm, bridges[0][1]) if len(memories) == 1 else llm
-    return MemoryAugmentedLM(llm, tokenizer, [encoder for encoder, _ in loaded], [p for p, _ in bridges]).eval()
+    gates = [load_gate(d, manifest) for d, (_, manifest) in zip(memories, loaded)] if gated else None
+    return MemoryAugmentedLM(llm, tokenizer, [encoder for encoder, _ in loaded], [p for p, _ in bridges],
+                             gates).eval()

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from mindbridge.atomic import write_dir_atomically
 from mindbridge.bridge import MemoryProjector, attach_lora, lora_state
 from mindbridge.encoder import MemoryEncoder
+from mindbridge.gate import GATE_SCORE, MemoryGate
 from mindbridge.loading import tensors_fingerprint, weights_fingerprint
 
 FORMAT_VERSION = 1
@@ -117,20 +118,29 @@ def _write_on_rank_zero(final: Path, write) -> Path:
 
 
 EXIST_HEAD_FILE = "exist_head.safetensors"
+GATE_KEYS_FILE = "gate_keys.safetensors"
 
 
 def save_memory(directory: str | Path, encoder: MemoryEncoder, facts: Sequence, facts_hash: str,
-                info: dict[str, Any], exist_head: dict[str, torch.Tensor] | None = None) -> Path:
+                info: dict[str, Any], exist_head: dict[str, torch.Tensor] | None = None,
+                gate: MemoryGate | None = None, gate_info: dict[str, Any] | None = None) -> Path:
     """Save E_m, its facts and a manifest. `facts` are `EditRecord`s (dataclasses).
 
     `exist_head` (the state dict of Stage I's existence head H) is kept beside the encoder:
-    a gated projector can start its gate from it.
+    a gated projector can start its gate from it. `gate` (the memory read gate: one key per
+    fact and a calibrated threshold) is saved with its settings in the manifest, under its hash.
     """
     def write(tmp: Path) -> None:
         encoder.mlm.save_pretrained(tmp / "encoder", safe_serialization=True)
         encoder.tokenizer.save_pretrained(tmp / "encoder")
         if exist_head is not None:
             save_file({k: v.detach().contiguous() for k, v in exist_head.items()}, str(tmp / EXIST_HEAD_FILE))
+        gate_meta = None
+        if gate is not None:
+            keys = {"keys": gate.keys.detach().cpu().contiguous()}
+            save_file(keys, str(tmp / GATE_KEYS_FILE))
+            gate_meta = {"score": GATE_SCORE, "threshold": gate.threshold, "keys_sha256": tensors_fingerprint(keys),
+                         **(gate_info or {})}
         with open(tmp / "facts.jsonl", "w", encoding="utf-8") as fh:
             for rec in facts:
                 fh.write(json.dumps(dataclasses.asdict(rec), ensure_ascii=False) + "\n")
@@ -139,6 +149,7 @@ def save_memory(directory: str | Path, encoder: MemoryEncoder, facts: Sequence, 
                     "facts_file_sha256": _file_sha256(tmp / "facts.jsonl"),
                     "num_facts": len(facts), "pooling": encoder.pooling, "max_length": encoder.max_length,
                     "exist_head_sha256": tensors_fingerprint(exist_head) if exist_head is not None else None,
+                    "gate": gate_meta,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
         (tmp / "manifest.json").write_text(json.dumps(sealed(manifest), indent=2), encoding="utf-8")
         (tmp / "bridges").mkdir()
@@ -195,6 +206,27 @@ def load_exist_head(directory: str | Path, manifest: dict[str, Any]) -> dict[str
         raise ArtifactError(f"The existence head in {path} does not match the hash in the memory's manifest; "
                             "the memory was modified.")
     return state
+
+
+def load_gate(directory: str | Path, manifest: dict[str, Any]) -> MemoryGate:
+    """The memory's read gate (keys and calibrated threshold), checked against the manifest."""
+    meta = manifest.get("gate")
+    path = Path(directory) / GATE_KEYS_FILE
+    if not meta:
+        raise ArtifactError(f"The memory at {directory} has no read gate (it was pretrained before the gate "
+                            "existed); pretrain it again, or read it ungated with model.gate.enabled=false.")
+    if meta.get("score") != GATE_SCORE:
+        raise ArtifactError(f"The memory at {directory} has a gate scored by {meta.get('score')!r}, which this "
+                            f"version does not know (it knows {GATE_SCORE!r}).")
+    if not path.is_file():
+        raise ArtifactError(f"The memory at {directory} is incomplete: {path} is missing.")
+    keys = read_or_refuse("The gate's keys", path, lambda: load_file(str(path)))
+    if tensors_fingerprint(keys) != meta["keys_sha256"]:
+        raise ArtifactError(f"The gate keys in {path} do not match the hash in the memory's manifest; "
+                            "the memory was modified.")
+    if len(keys.get("keys", ())) != manifest["num_facts"]:
+        raise ArtifactError(f"The gate at {path} has {len(keys.get('keys', ()))} keys for {manifest['num_facts']} facts.")
+    return MemoryGate(keys["keys"], meta["threshold"])
 
 
 def read_facts(directory: str | Path) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mindbridge.encoder import MemoryEncoder
+from mindbridge.gate import MemoryGate
 from mindbridge.lm import (causal_logits, first_token_index, insert_tokens, lm_head_only_at, soft_token_positions,
                            without_adapters)
 from mindbridge.pretraining import mlp
@@ -226,24 +227,60 @@ class MemoryAugmentedLM(nn.Module):
 
     With several (encoder, projector) pairs the soft tokens are concatenated in order
     (Multi-MindBridge, Eq. 7). The encoders always see the prompt text only.
+
+    A memory with a gate (`mindbridge.gate.MemoryGate`) adds its tokens only to the prompts it
+    holds a fact for; a prompt that no memory opens for runs through the LLM alone, and its
+    logits are those of the unedited LLM on the same batch, bit for bit. `gates=None` (or a None
+    entry) reads that memory for every prompt, as the paper does.
     """
 
     def __init__(self, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 encoders: Sequence[MemoryEncoder], projectors: Sequence[MemoryProjector]):
+                 encoders: Sequence[MemoryEncoder], projectors: Sequence[MemoryProjector],
+                 gates: Sequence[MemoryGate | None] | None = None):
         super().__init__()
         if len(encoders) != len(projectors) or not encoders:
             raise ValueError("one projector per memory encoder is needed")
+        gates = list(gates) if gates is not None else [None] * len(encoders)
+        if len(gates) != len(encoders):
+            raise ValueError("one gate (or None) per memory encoder is needed")
         self.llm, self.tokenizer = llm, tokenizer
         self.encoders = nn.ModuleList(encoders)
         self.projectors = nn.ModuleList(projectors)
+        self.gates = gates
+
+    @property
+    def gated(self) -> bool:
+        return any(g is not None for g in self.gates)
+
+    def memory_features(self, prompts: list[str]) -> list[torch.Tensor]:
+        """The memory vectors of `prompts`, one `(B, d)` tensor per memory."""
+        return [enc.encode(prompts) for enc in self.encoders]
 
     def memory_tokens(self, prompts: list[str] | None = None,
-                      features: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """Soft tokens `(B, P, d)`; pass cached `features` (one tensor per encoder) to skip E_m."""
+                      features: Sequence[torch.Tensor] | None = None,
+                      memories: Sequence[int] | None = None) -> torch.Tensor:
+        """Soft tokens `(B, P, d)`; pass cached `features` (one tensor per encoder) to skip E_m.
+        `memories`: the indices of the memories whose token blocks to include (default: all)."""
         if features is None:
-            features = [enc.encode(prompts) for enc in self.encoders]
+            features = self.memory_features(prompts)
         dev = self.llm.get_input_embeddings().weight.device
-        return torch.cat([proj(f.to(dev)) for proj, f in zip(self.projectors, features)], dim=1)
+        chosen = range(len(self.projectors)) if memories is None else memories
+        return torch.cat([self.projectors[i](features[i].to(dev)) for i in chosen], dim=1)
+
+    @torch.no_grad()
+    def open_gates(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`(M, B)` bool: which memory is read for which prompt (all True without gates)."""
+        rows = len(features[0])
+        return torch.stack([torch.ones(rows, dtype=torch.bool) if g is None else g.is_open(f).cpu()
+                            for g, f in zip(self.gates, features)])
+
+    def _row_groups(self, features: Sequence[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """Rows grouped by the memories open for them: [(memory indices, row indices), ...]."""
+        opened = self.open_gates(features)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, column in enumerate(opened.T.tolist()):
+            groups.setdefault(tuple(i for i, o in enumerate(column) if o), []).append(row)
+        return [(memories, torch.tensor(rows)) for memories, rows in groups.items()]
 
     @property
     def position(self) -> str:
@@ -264,32 +301,77 @@ class MemoryAugmentedLM(nn.Module):
         return at - 1 if self.position == "before_last" else at
 
     def logits(self, prompts, input_ids, attention_mask, keep, answer_lengths=None, features=None):
-        """`ScorableLM` interface: logits of the last `keep` positions with the memory inserted."""
+        """`ScorableLM` interface: logits of the last `keep` positions with the memory inserted
+        (only the memories whose gates open for a row; none: the unedited LLM's logits)."""
         dev = self.llm.get_input_embeddings().weight.device
-        memory = self.memory_tokens(prompts, features)
+        if features is None:
+            features = self.memory_features(prompts)
         mask = attention_mask.to(dev)
-        return causal_logits(self.llm, input_ids.to(dev), mask, keep, memory, self.insert_at(mask, answer_lengths),
+        if not self.gated:
+            return self._read(input_ids.to(dev), mask, keep, answer_lengths, features, None)
+        groups = self._row_groups(features)
+        out = None
+        if any(not memories for memories, _ in groups):
+            # The unedited LLM on the whole batch, exactly as it scores this batch on its own: a
+            # sub-batch would change the kernels' blocking and the last bits of the logits.
+            with without_adapters(self.llm):
+                out = causal_logits(self.llm, input_ids.to(dev), mask, keep)
+        for memories, rows in groups:
+            if not memories:
+                continue
+            part = self._read(input_ids[rows].to(dev), mask[rows.to(dev)], keep,
+                              None if answer_lengths is None else answer_lengths[rows],
+                              [f[rows.to(f.device)] for f in features], memories)
+            if out is None:
+                out = part.new_empty((len(input_ids), *part.shape[1:]))
+            out[rows.to(dev)] = part
+        return out
+
+    def _read(self, input_ids, mask, keep, answer_lengths, features, memories):
+        memory = self.memory_tokens(features=features, memories=memories)
+        return causal_logits(self.llm, input_ids, mask, keep, memory, self.insert_at(mask, answer_lengths),
                              share_positions=self.share_positions)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 16, use_memory: bool = True,
                  **generate_kwargs) -> list[str]:
-        """Greedy generation (by default) with the memory tokens in front of each prompt."""
+        """Greedy generation (by default) with the memory tokens after (or before) each prompt.
+
+        With gates, a prompt that no memory opens for is answered by the unedited LLM."""
+        if not prompts:
+            return []
+        if not use_memory:
+            return self._generate(prompts, None, None, max_new_tokens, generate_kwargs)
+        features = self.memory_features(prompts)
+        if not self.gated:
+            return self._generate(prompts, features, None, max_new_tokens, generate_kwargs)
+        answers: list[str] = [""] * len(prompts)
+        for memories, rows in self._row_groups(features):
+            picked = [prompts[i] for i in rows.tolist()]
+            part = self._generate(picked, [f[rows.to(f.device)] for f in features] if memories else None,
+                                  memories, max_new_tokens, generate_kwargs)
+            for i, text in zip(rows.tolist(), part):
+                answers[i] = text
+        return answers
+
+    def _generate(self, prompts, features, memories, max_new_tokens, generate_kwargs) -> list[str]:
+        """Greedy answers with the given memories' tokens (`features` None: no memory at all)."""
+        kwargs = dict(generate_kwargs)
         ids, mask = prompt_batch(self.tokenizer, prompts)
         dev = self.llm.get_input_embeddings().weight.device
         ids, mask = ids.to(dev), mask.to(dev)
         embeds = self.llm.get_input_embeddings()(ids)
-        if use_memory:
-            memory, at = self.memory_tokens(prompts).to(embeds.dtype), self.insert_at(mask, None)
+        if features is not None:
+            memory = self.memory_tokens(features=features, memories=memories).to(embeds.dtype)
+            at = self.insert_at(mask, None)
             embeds, mask = insert_tokens(embeds, mask, memory, at)
             if self.share_positions:     # generation continues from the last given position
-                generate_kwargs["position_ids"] = soft_token_positions(mask, at, memory.shape[1], True)
-        generate_kwargs.setdefault("do_sample", False)
-        with contextlib.nullcontext() if use_memory else without_adapters(self.llm):
+                kwargs["position_ids"] = soft_token_positions(mask, at, memory.shape[1], True)
+        kwargs.setdefault("do_sample", False)
+        with contextlib.nullcontext() if features is not None else without_adapters(self.llm):
             out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
+                                    pad_token_id=self.tokenizer.pad_token_id, **kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
 
 
 

@@ -36,6 +36,32 @@ def masked_lm_head(model: PreTrainedModel) -> nn.Module:
     raise TypeError(f"{type(model).__name__} has no masked-LM head this project knows how to find")
 
 
+def by_length(forward, attention_mask: torch.Tensor, *inputs: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """`forward(mask, *inputs)` -> hidden states `(B, L, d)` of right-padded rows, run on groups of
+    `rows` rows of similar length, each cut to its longest row: no work on the padding columns.
+
+    Exact for an encoder whose real tokens never attend to padding (BERT-family with the
+    attention mask): every real position gets what one pass over the whole batch gives it, up
+    to float rounding. Padding positions are not to be read (those past a group's longest row
+    are zeros).
+    """
+    lengths = attention_mask.sum(1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    if not torch.equal(attention_mask.bool(), positions[None] < lengths[:, None]):
+        return forward(attention_mask, *inputs)         # not right-padded: one pass as it is
+    order = torch.argsort(lengths, stable=True)
+    out = None
+    for start in range(0, len(order), rows):
+        group = order[start:start + rows]
+        width = max(int(lengths[group].max()), 1)
+        hidden = forward(attention_mask[group, :width], *(x[group, :width] for x in inputs))
+        if out is None:
+            out = hidden.new_zeros(len(order), attention_mask.shape[1], hidden.shape[-1])
+        out = out.index_copy(0, group.to(out.device),
+                             torch.nn.functional.pad(hidden, (0, 0, 0, attention_mask.shape[1] - width)))
+    return out
+
+
 class MemoryEncoder(nn.Module):
     """E_m with its tokenizer and pooling: text in, one memory vector per text out."""
 

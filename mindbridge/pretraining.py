@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mindbridge.encoder import MemoryEncoder, masked_lm_head, pool
+from mindbridge.encoder import MemoryEncoder, by_length, masked_lm_head, pool
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int, depth: int = 2, dropout: float = 0.0) -> nn.Sequential:
@@ -115,8 +115,10 @@ class MemoryWriter(nn.Module):
     projector Q_M and the frozen copy M. Only E_m is kept afterwards."""
 
     def __init__(self, encoder: MemoryEncoder, exist_hidden: int | None = None,
-                 associate_hidden: int | None = None, dropout: float = 0.2):
+                 associate_hidden: int | None = None, dropout: float = 0.2, bucket_rows: int = 16):
         super().__init__()
+        # Rows per forward pass of similar length (`encoder.by_length`): no work on padding.
+        self.bucket_rows = bucket_rows
         d = encoder.hidden_size
         self.encoder = encoder
         self.exist_head = mlp(d, exist_hidden or d // 2, 2, depth=2)
@@ -134,8 +136,10 @@ class MemoryWriter(nn.Module):
                exist: tuple[list[str], torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """One forward of E_m over all sub-batches (as the official code does), then each loss.
 
-        A prompt needed by both L_associate and L_exist (the in-scope half of the existence
-        batch is usually the associate batch) is encoded once.
+        The rows of every sub-batch run together, in groups of similar length cut to their
+        longest row (`by_length`), so no work goes into padding. A prompt needed by both
+        L_associate and L_exist (the in-scope half of the existence batch is usually the
+        associate batch) is encoded once.
         """
         tok = self.encoder.tokenizer
         dev = next(self.encoder.parameters()).device
@@ -149,7 +153,7 @@ class MemoryWriter(nn.Module):
         width = max(b[0].shape[1] for b in blocks)
         ids = torch.cat([_pad_to(b[0], width, tok.pad_token_id) for b in blocks]).to(dev)
         mask = torch.cat([_pad_to(b[1], width, 0) for b in blocks]).to(dev)
-        hidden = self.encoder.hidden(ids, mask)
+        hidden = by_length(lambda m, i: self.encoder.hidden(i, m), mask, ids, rows=self.bucket_rows)
         out: dict[str, torch.Tensor] = {}
         n_inject = 0
         if inject is not None:
@@ -175,8 +179,8 @@ class MemoryWriter(nn.Module):
         embeds = self.frozen_copy.get_input_embeddings()(ids)
         slot = self.associate_projector(memory)[:, None].to(embeds.dtype)
         embeds = torch.cat([slot, embeds[:, 1:]], dim=1)
-        hidden = self.frozen_copy.base_model(inputs_embeds=embeds,
-                                             attention_mask=batch.attention_mask.to(dev)).last_hidden_state
+        hidden = by_length(lambda m, e: self.frozen_copy.base_model(inputs_embeds=e, attention_mask=m).last_hidden_state,
+                           batch.attention_mask.to(dev), embeds, rows=self.bucket_rows)
         return masked_lm_loss(self.frozen_head, hidden, batch.labels.to(dev))
 
 
@@ -226,3 +230,36 @@ def fit_mlm_head(encoder: MemoryEncoder, texts: list[str], steps: int = 200, bat
         p.grad = None
         p.requires_grad_(flag)
     return acc
+
+
+@torch.no_grad()
+def masked_recall(encoder: MemoryEncoder, facts: list[tuple[str, str, str]], span: str,
+                  batch_size: int = 64) -> float:
+    """How much of the facts the encoder has written: token accuracy of its MLM head on
+    `prompt + " " + object + "."` with all of the object's (`span="object"`) or the subject's
+    (`span="subject"`, facts whose prompt names the subject) tokens masked and nothing else, in
+    eval mode (spec §9's sanity check)."""
+    if span not in ("object", "subject"):
+        raise ValueError(f"span must be 'object' or 'subject' (got {span!r})")
+    if span == "subject":                   # only facts whose prompt names their subject
+        facts = [f for f in facts if _char_span(f[1], f[0]) is not None]
+    if not facts:
+        return float("nan")
+    was_training = encoder.training
+    encoder.eval()
+    dev = next(encoder.parameters()).device
+    right = total = 0
+    rng = random.Random(0)                  # unused: no random masking here
+    for start in range(0, len(facts), batch_size):
+        batch = inject_batch(encoder.tokenizer, facts[start:start + batch_size], rng, encoder.max_length,
+                             span_prob=1.0 if span == "subject" else 0.0, word_prob=0.0)
+        labels = batch.labels.to(dev)
+        sel = labels != -100
+        if not sel.any():
+            continue
+        hidden = encoder.hidden(batch.input_ids.to(dev), batch.attention_mask.to(dev))
+        pred = encoder.head(hidden[sel][None])[0].argmax(-1)
+        right += int((pred == labels[sel]).sum())
+        total += int(sel.sum())
+    encoder.train(was_training)
+    return right / total if total else float("nan")

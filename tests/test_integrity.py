@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from mindbridge.artifacts import (ArtifactError, load_bridge, load_exist_head, load_memory, read_facts,
+from mindbridge.artifacts import (ArtifactError, load_bridge, load_exist_head, load_gate, load_memory, read_facts,
                                   read_manifest, save_memory)
 from train import train
 
@@ -118,6 +118,35 @@ def test_a_tampered_memory_manifest_is_refused(memory, key, value):
     with pytest.raises(ArtifactError, match="was edited after it was written") as exc:
         load_memory(memory)
     assert "manifest.json" in one_sentence(exc)
+
+
+@pytest.mark.parametrize(("key", "value"), [("threshold", -1.0), ("false_open_rate", 0.5), ("score", "exist_head")])
+def test_the_gate_settings_are_covered_by_the_manifest_hash(memory, key, value):
+    path = memory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["gate"][key] != value
+    manifest["gate"][key] = value
+    path.write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(ArtifactError, match="was edited after it was written") as exc:
+        load_gate(memory, read_manifest(memory))
+    one_sentence(exc)
+
+
+def test_tampered_or_truncated_gate_keys_are_refused(memory):
+    _tamper_tensor(memory / "gate_keys.safetensors")
+    with pytest.raises(ArtifactError, match="gate keys .* do not match the hash") as exc:
+        load_gate(memory, read_manifest(memory))
+    one_sentence(exc)
+    truncate(memory / "gate_keys.safetensors", 0.5)
+    with pytest.raises(ArtifactError, match="truncated or corrupt") as exc:
+        load_gate(memory, read_manifest(memory))
+    one_sentence(exc)
+
+
+def test_the_gate_round_trips(memory):
+    manifest = read_manifest(memory)
+    gate = load_gate(memory, manifest)
+    assert len(gate.keys) == manifest["num_facts"] and gate.threshold == manifest["gate"]["threshold"]
 
 
 def test_a_tampered_bridge_manifest_is_refused(memory):

@@ -320,3 +320,99 @@ def test_prefix_augmented_training_step_reaches_every_loss(encoder) -> None:
     assert torch.isfinite(loss)
     grads = {n.split(".")[0] for n, p in module.writer.named_parameters() if p.grad is not None}
     assert {"encoder", "exist_head", "associate_projector"} <= grads
+
+
+# --------------------------------------------------------------------------- how much is written
+
+
+def test_masked_recall_scores_exactly_the_masked_span(encoder, monkeypatch) -> None:
+    from mindbridge.pretraining import masked_recall
+    tok = encoder.tokenizer
+    obj = masked_recall(encoder, FACTS, "object")
+    assert 0.0 <= obj <= 1.0
+    # A head that always answers with the gold token of the masked position scores 1.0: feed the
+    # labels back through a hook on the head's input selection.
+    seen = []
+    real_head = encoder.head
+
+    class Oracle(nn.Module):
+        def forward(self, hidden):
+            logits = torch.full((*hidden.shape[:2], tok.vocab_size), -1.0)
+            gold = seen.pop(0)
+            logits[0, torch.arange(len(gold)), gold] = 1.0
+            return logits
+    real_inject = __import__("mindbridge.pretraining", fromlist=["inject_batch"]).inject_batch
+
+    def recording(*args, **kwargs):
+        batch = real_inject(*args, **kwargs)
+        seen.append(batch.labels[batch.labels != -100])
+        return batch
+    monkeypatch.setattr("mindbridge.pretraining.inject_batch", recording)
+    encoder.head = Oracle()
+    try:
+        assert masked_recall(encoder, FACTS, "object") == 1.0
+        assert masked_recall(encoder, FACTS, "subject") == 1.0
+    finally:
+        encoder.head = real_head
+
+
+def test_masked_recall_on_the_subject_skips_facts_that_do_not_name_it(encoder, monkeypatch) -> None:
+    from mindbridge import pretraining
+    counted = []
+    real = pretraining.inject_batch
+
+    def recording(tok, facts, *args, **kwargs):
+        counted.extend(facts)
+        return real(tok, facts, *args, **kwargs)
+    monkeypatch.setattr(pretraining, "inject_batch", recording)
+    pretraining.masked_recall(encoder, FACTS, "subject")
+    assert [f[0] for f in counted] == ["Eiffel Tower", "Danube"]
+    with pytest.raises(ValueError, match="span"):
+        pretraining.masked_recall(encoder, FACTS, "relation")
+
+
+# --------------------------------------------------------------------------- no work on padding
+
+
+def test_by_length_matches_one_padded_pass_at_every_real_token(encoder) -> None:
+    from mindbridge.encoder import by_length
+    texts = ["a", "The Eiffel Tower is located in Paris, France", "Who wrote Dune?", "b c d e f g h",
+             "What is the capital city of the country of Peru?"]
+    enc = encoder.tokenize(texts)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    calls = []
+
+    def forward(m, i):
+        calls.append(tuple(i.shape))
+        return encoder.hidden(i, m)
+    with torch.no_grad():
+        full = encoder.hidden(ids, mask)
+        grouped = by_length(forward, mask, ids, rows=2)
+    real = mask.bool()
+    torch.testing.assert_close(grouped[real], full[real], atol=1e-5, rtol=1e-5)
+    # Three groups of at most two rows, each only as wide as its longest row.
+    lengths = sorted(mask.sum(1).tolist())
+    assert calls == [(2, lengths[1]), (2, lengths[3]), (1, lengths[4])]
+
+
+def test_by_length_leaves_left_padded_rows_in_one_pass(encoder) -> None:
+    from mindbridge.encoder import by_length
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    calls = []
+    by_length(lambda m, i: calls.append(i.shape) or torch.zeros(*i.shape, 4), mask, torch.ones(2, 3, dtype=torch.long))
+    assert calls == [torch.Size([2, 3])]
+
+
+def test_grouping_by_length_leaves_the_losses_unchanged(encoder) -> None:
+    writer = MemoryWriter(encoder).eval()
+    facts = FACTS * 3
+    inject = inject_batch(encoder.tokenizer, facts, random.Random(0), 48)
+    associate = ([p for _, p, _ in facts], associate_batch(encoder.tokenizer, [(p, o) for _, p, o in facts], 48))
+    exist = ([p for _, p, _ in FACTS] + ["Who wrote Hamlet?", "How tall is K2?", "Hi"], torch.tensor([1, 1, 1, 0, 0, 0]))
+    with torch.no_grad():
+        writer.bucket_rows = 1000                 # one group: the whole batch at its widest row
+        whole = writer.losses(inject, associate, exist)
+        writer.bucket_rows = 2
+        grouped = writer.losses(inject, associate, exist)
+    for key in whole:
+        torch.testing.assert_close(grouped[key], whole[key], atol=1e-5, rtol=1e-5)
