@@ -190,6 +190,7 @@ class EditDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.max_prompt_tokens, self.max_target_tokens = 256, 32
         self.held_out_size = 0
+        self.out_rows: list[int] | None = None
         self._split: EditSplit | None = None
         self._fixed_edits: tuple[EditRecord, ...] | None = None
         self._other_datasets: tuple[Sequence[EditRecord], ...] = ()
@@ -258,9 +259,11 @@ class EditDataModule(L.LightningDataModule):
 
     @property
     def training_out_of_scope(self) -> tuple[IrrelevantRecord, ...]:
-        """The out-of-scope stream's records: all of them but the held-out ones."""
+        """The out-of-scope stream's records: all of them (or the `out_rows` given to `connect`)
+        but the held-out ones."""
         held = self._held_out_indices()
-        return tuple(r for i, r in enumerate(self.out_of_scope) if i not in held)
+        rows = range(len(self.out_of_scope)) if self.out_rows is None else self.out_rows
+        return tuple(self.out_of_scope[i] for i in rows if i not in held)
 
     @property
     def paraphrase_pairs(self) -> tuple[tuple[str, str], ...]:
@@ -276,13 +279,17 @@ class EditDataModule(L.LightningDataModule):
     # ---- batches --------------------------------------------------------------------------
     def connect(self, tokenizer=None, max_prompt_tokens: int = 256, max_target_tokens: int = 32,
                 batch_size: int | None = None, out_batch_size: int | None = None,
-                held_out: int = 0) -> None:
+                held_out: int = 0, out_rows: Sequence[int] | None = None) -> None:
         """Attach the tokenizer of the model being trained (None: text-only batches); `held_out`
-        out-of-scope records are kept out of the out-of-scope stream (`held_out_out_of_scope`)."""
+        out-of-scope records are kept out of the out-of-scope stream (`held_out_out_of_scope`);
+        `out_rows`: the stream yields only these out-of-scope records (indices, in this order)."""
         if held_out and not 0 < held_out < len(self.out_of_scope):
             raise ValueError(f"Cannot hold out {held_out} of the {len(self.out_of_scope)} out-of-scope prompts; "
                              "lower the held-out count or add data.pool_path=FILE.")
+        if out_rows is not None and (not len(out_rows) or not all(0 <= i < len(self.out_of_scope) for i in out_rows)):
+            raise ValueError(f"out_rows must be a non-empty list of indices below {len(self.out_of_scope)}.")
         self.held_out_size = held_out
+        self.out_rows = None if out_rows is None else list(out_rows)
         self.tokenizer = tokenizer
         self.max_prompt_tokens, self.max_target_tokens = max_prompt_tokens, max_target_tokens
         if batch_size:

@@ -289,13 +289,18 @@ def bridge(ctx: RunContext) -> None:
     # put before the edits of the datasets in `prefix_datasets` only.
     prefixes = [f"{o.prompt} {o.answer}." if o.answer else o.prompt for o in dm.out_of_scope]
     augmented = set(bcfg.prefix_datasets or ())
-    module.prepare([r.prompt for r in dm.edits], [o.prompt for o in dm.out_of_scope],
+    # The KL's out-of-scope prompts: with gated memories, those nearest to the stored facts (the
+    # only ones the projector can be read for); otherwise all of them.
+    gates = memory_gates(ctx, [m for _, m in loaded])
+    rows = nearest_out_of_scope(loaded, gates, dm, bcfg.kl_prompts) if gates else None
+    dm.connect(tok, batch_size=bcfg.batch_size, out_batch_size=bcfg.out_batch_size, out_rows=rows)
+    out = dm.training_out_of_scope
+    module.prepare([r.prompt for r in dm.edits], [o.prompt for o in out],
                    paraphrase_pairs=dm.paraphrase_pairs, prefixes=prefixes,
                    prefix_probs=[bcfg.prefix_prob if r.dataset in augmented else 0.0 for r in dm.edits],
                    edit_targets=[r.target_new for r in dm.edits], old_targets=[r.target_true for r in dm.edits],
-                   out_answers=[o.answer for o in dm.out_of_scope],
+                   out_answers=[o.answer for o in out],
                    rewordings=edit_rewordings(dm, int(bcfg.rewordings)) if bcfg.rewordings else None)
-    dm.connect(tok, batch_size=bcfg.batch_size, out_batch_size=bcfg.out_batch_size)
     trainer = make_trainer(ctx, f"bridge-{cfg.llm.name}", bcfg.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=_ckpt_path(ctx, f"bridge-{cfg.llm.name}"),
                 weights_only=True)
@@ -370,6 +375,18 @@ def memory_gates(ctx: RunContext, manifests: list[dict]):
     if not ctx.cfg.model.gate.enabled:
         return None
     return [load_gate(d, m) for d, m in zip(ctx.memory_dirs, manifests)]
+
+
+@torch.no_grad()
+def nearest_out_of_scope(loaded: list[tuple[MemoryEncoder, dict]], gates, dm: EditDataModule,
+                         count: int | None) -> list[int] | None:
+    """Indices of the `count` out-of-scope prompts with the highest gate score (cosine similarity
+    to the nearest stored fact, the highest over the memories); None: all of them."""
+    prompts = [o.prompt for o in dm.out_of_scope]
+    if not count or count >= len(prompts):
+        return None
+    scores = torch.stack([gate.scores(encoder.encode(prompts)) for (encoder, _), gate in zip(loaded, gates)])
+    return sorted(scores.max(0).values.topk(int(count)).indices.tolist())
 
 
 def gate_held_out(requested: int, available: int) -> int:
@@ -575,7 +592,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ctx = RunContext(cfg, Path(run_dir))
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     ctx.metrics.update({"method": cfg.model.name, "llm": cfg.llm.name, "encoder": cfg.encoder.name,
-                        "stage": cfg.stage.name, "seed": cfg.seed})
+                        "stage": cfg.stage.name, "seed": cfg.seed, **provenance()})
     for job in cfg.stage.jobs:
         JOBS[job](ctx)
     m = ctx.metrics
@@ -586,6 +603,29 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         write_metrics(ctx.run_dir / "metrics.json", m)
     log_final_metrics(cfg, m)
     return m
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a run's figures: the command (under `train.py`) and the code's git commit,
+    with whether the working tree had uncommitted changes (None where there is no git checkout)."""
+    import subprocess
+    info: dict[str, Any] = {}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        info["command"] = " ".join(["python train.py", *HydraConfig.get().overrides.task])
+    except ValueError:                       # composed in-process (tests): no command line
+        pass
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            info["code_commit"] = commit.stdout.strip()
+            info["code_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
 
 
 def log_final_metrics(cfg: DictConfig, metrics: dict[str, Any]) -> None:

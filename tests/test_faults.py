@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # 16 edits in batches of 4: 4 optimizer steps per epoch; pretrain 3 epochs, bridge 4 epochs.
 ARGS = ("debug=fast", "threads=1", "callbacks.progress=null", "data.num_edits=16", "model.bridge.epochs=4",
-        "model.pretrain.joint_epochs=1", "callbacks.step_checkpoint.every_n_train_steps=1")
+        "model.pretrain.joint_epochs=3", "callbacks.step_checkpoint.every_n_train_steps=1")
 STEPS_PER_EPOCH = 4
 QUALITY = ("rel", "gen", "loc", "avg", "pre_rel", "pre_gen", "rel_em", "gen_em", "loc_em")
 

@@ -207,3 +207,26 @@ def test_the_threshold_is_calibrated_on_prompts_stage_one_never_trains_on(tiny_c
     assert not calibration & set(seen["trained"])
     assert sorted(seen["edits"]) == sorted(r.prompt for r in dm.edits)
     assert metrics["gate_calibration_prompts"] == len(seen["calibration"])
+
+
+def test_the_gate_benchmark_times_gated_generation_against_the_unedited_llm(tiny_cfg, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train import train
+    run = tmp_path / "run"
+    train(tiny_cfg(run_dir=run), run)
+    out = tmp_path / "memory_gate.json"
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "memory_gate.py"), "--memory", str(run / "memory"),
+                    "--llm", "tiny_llama", "--prompts", "2", "--tokens", "2", "--repeats", "1", "--sizes", "64",
+                    "--threads", "1", "--out", str(out)], check=True, cwd=root, capture_output=True)
+    result = json.loads(out.read_text())
+    assert set(result["generation"]) == {"edit", "locality"}
+    assert result["generation"]["edit"]["gate_open_rate"] == 100.0      # a stored prompt opens its gate
+    for row in result["generation"].values():
+        assert row["seconds_unedited"] > 0 and row["gated_over_unedited"] > 0
+    assert result["gate_cost"]["ms_per_prompt_features"] > 0
+    assert [s["keys"] for s in result["search_scaling"]] == [64]

@@ -168,7 +168,7 @@ def test_bridge_with_a_bf16_lm_head_and_prefix_augmentation(default_run, tiny_cf
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     metrics = train(tiny_cfg("stage=bridge", f"memory={copy}", "model.bridge.lm_head_dtype=auto",
                              "model.bridge.prefix_prob=0.5", "model.bridge.prefix_datasets=[zsre]",
-                             "model.bridge.prefix_variants=2"), tmp_path / "bf16")
+                             "model.bridge.prefix_variants=2", "model.bridge.rewordings=0"), tmp_path / "bf16")
     assert seen == {"head": torch.bfloat16, "copies": 3}
     assert 0.0 <= metrics["rel"] <= 100.0 and metrics["bridge_loss"] == metrics["bridge_loss"]   # finite, not NaN
     bridge = json.loads((copy / "bridges" / "tiny_llama" / "bridge.json").read_text())
