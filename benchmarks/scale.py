@@ -79,7 +79,9 @@ def measure(cfg, n: int, steps: int, llm, tok) -> dict:
 
     # Stage I: a few steps of the joint phase (all three losses: the most expensive phase).
     pcfg = cfg.model.pretrain
-    hp = {k: v for k, v in dict(pcfg).items() if k not in ("batch_size", "joint_from_start")}
+    # The module's hyperparameters; the rest of model.pretrain configures the datamodule and the stage.
+    hp = {k: v for k, v in dict(pcfg).items()
+          if k not in ("batch_size", "out_batch_size", "joint_from_start", "prefix_datasets", "rewordings")}
     pre = MemoryPretrainModule(encoder, joint_from_start=True, **hp)
     opt = torch.optim.AdamW([p for p in pre.parameters() if p.requires_grad], lr=pcfg.lr)
     dm.connect(None, batch_size=pcfg.batch_size, out_batch_size=pcfg.batch_size)
@@ -114,7 +116,7 @@ def extrapolate(rows: list[dict], cfg) -> dict:
     r = rows[-1]
     n = cfg.data.num_edits
     p, b = cfg.model.pretrain, cfg.model.bridge
-    pre_epochs = p.inject_epochs + p.heads_epochs + p.joint_epochs
+    pre_epochs = p.joint_epochs + (0 if p.joint_from_start else p.inject_epochs + p.heads_epochs)
     pre = pre_epochs * -(-n // p.batch_size) * r["pretrain_step_seconds"]
     bri = b.epochs * -(-n // b.batch_size) * r["bridge_step_seconds"]
     return {"num_edits": n, "pretrain_epochs": pre_epochs, "bridge_epochs": b.epochs,

@@ -17,6 +17,9 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
     frozen (H and Q_M catch up). Then all losses, everything trains. `joint_from_start` skips
     the curriculum (the paper's single summed objective).
 
+    `inject_copies`: L_inject reads every fact of a batch that many times, each under its own
+    random masks.
+
     Prefix augmentation (official code, spec §5): with probability `prefix_prob` an edit's text
     gets a random distractor prefix before the encoder reads it (the official pool is 25% blank,
     i.e. prefix_prob 0.75). Our prefixes are the out-of-scope prompts of the same batch, finished
@@ -28,7 +31,7 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
                  joint_epochs: int = 20, joint_from_start: bool = False, lr: float = 2e-4,
                  weight_decay: float = 0.01, warmup_fraction: float = 0.05, span_mask_prob: float = 0.5,
                  word_mask_prob: float = 0.1, prefix_prob: float = 0.0, rewording_prob: float = 0.0,
-                 seed: int = 0):
+                 inject_copies: int = 1, seed: int = 0):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         self.writer = MemoryWriter(encoder)
@@ -71,8 +74,10 @@ class MemoryPretrainModule(TrainableOnlyCheckpoint):
         if phase == "heads" and not (use_assoc or use_exist):
             return None          # the heads phase trains only H and Q_M; with λ2 = λ3 = 0 it has nothing to do
         facts = list(zip(edit["subject"], edit["prompt"], edit["target"]))
-        inject = inject_batch(tok, facts, self.rng, max_len, hp.span_mask_prob, hp.word_mask_prob) \
-            if use_inject else None
+        # Each fact `inject_copies` times, each with its own masks: a fact is memorised after a
+        # number of exposures, and an extra inject row costs a fraction of a step.
+        inject = inject_batch(tok, facts * max(1, int(hp.inject_copies)), self.rng, max_len, hp.span_mask_prob,
+                              hp.word_mask_prob) if use_inject else None
         # What the memory reads (L_associate, and L_exist's in-scope half): the prompt or, with
         # probability `rewording_prob`, one of its rewordings, behind a distractor prefix (finished
         # sentences of records not edited) with probability `prefix_prob`. L_inject writes the fact

@@ -322,6 +322,33 @@ def test_prefix_augmented_training_step_reaches_every_loss(encoder) -> None:
     assert {"encoder", "exist_head", "associate_projector"} <= grads
 
 
+def test_inject_copies_reads_each_fact_that_many_times_under_its_own_masks(encoder, monkeypatch) -> None:
+    """`inject_copies=2`: L_inject's batch holds every fact twice, with masks drawn apiece."""
+    import lit_modules.pretrain as pretrain
+    from lit_modules.pretrain import MemoryPretrainModule
+    seen = []
+    real = pretrain.inject_batch
+
+    def watching(tok, facts, *args, **kwargs):
+        batch = real(tok, facts, *args, **kwargs)
+        seen.append((facts, batch))
+        return batch
+
+    monkeypatch.setattr(pretrain, "inject_batch", watching)
+    batch = {"edit": {"subject": [f[0] for f in FACTS], "prompt": [f[1] for f in FACTS],
+                      "target": [f[2] for f in FACTS]},
+             "out": {"prompt": ["Who wrote Hamlet?", "What is the capital of Peru?", "How tall is K2?"]}}
+    for copies in (1, 2):
+        module = MemoryPretrainModule(encoder, joint_from_start=True, inject_copies=copies, word_mask_prob=0.5)
+        module.log = lambda *a, **k: None
+        assert torch.isfinite(module.training_step(batch, 0))
+    (one, _), (two, batch2) = seen
+    assert two == one + one and len(batch2.input_ids) == 2 * len(FACTS)
+    n = len(FACTS)
+    # The copies are masked independently: with word masks at 0.5 some copy differs from its twin.
+    assert not torch.equal(batch2.labels[:n], batch2.labels[n:])
+
+
 # --------------------------------------------------------------------------- how much is written
 
 

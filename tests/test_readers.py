@@ -179,7 +179,7 @@ def test_bundled_counterfact_rome_first_record() -> None:
 
 def test_bundled_counterfact_rome_has_the_flat_facts_with_real_paraphrases() -> None:
     """`data=counterfact_rome`: the same facts as the flat file, but the flat file's one "rephrase"
-    is mostly one of CounterFact's generation prompts, not a paraphrase (README, Data rules)."""
+    is mostly one of CounterFact's generation prompts, not a paraphrase (docs/evaluation.md, data rules)."""
     rome = read_records(bundled_path(BUNDLED_DEFAULTS["counterfact_rome"]), "counterfact_rome", dedupe=False)
     flat = {r.case_id: r for r in read_records(bundled_path(BUNDLED_DEFAULTS["counterfact"]), dedupe=False)}
     assert len(rome) == 1031 and all(r.case_id in flat for r in rome)
