@@ -68,19 +68,24 @@ def mindbridge_rows(runs: list[dict], gate: bool) -> list[list[str]]:
     rows = []
     for run in sorted((r for r in runs if _is_mindbridge(r) and bool(r["metrics"].get("gate")) == gate), key=_order):
         m = run["metrics"]
-        total = sum(m.get(k) or 0.0 for k in ("pretrain_seconds", "bridge_seconds", "eval_seconds"))
+        total = m.get("run_seconds") or sum(m.get(k) or 0.0 for k in ("pretrain_seconds", "bridge_seconds", "eval_seconds"))
         rows.append([run["name"], _data(m), _num(m.get("rel")), _num(m.get("gen")), _num(m.get("loc")),
                      _num(m.get("avg")), _num(m.get("gen_prob"), 1),
                      f"{_num(m.get('loc_prob'), 1)} ({_num(m.get('pre_loc_prob'), 1)})" if "loc_prob" in m else "–",
                      f"{_num(m.get('gate_open_rate_gen'), 1)} / {_num(m.get('gate_open_rate_loc'), 1)}" if gate else "–",
                      _num(m.get("pretrain_inject_acc"), 3),
                      f"{_num(m.get('pretrain_seconds'), 0)} / {_num(m.get('bridge_seconds'), 0)} / "
-                     f"{_num(m.get('eval_seconds'), 0)} ({_num(total / 60, 1)} min)", _commit(run)])
+                     f"{_num(m.get('eval_seconds'), 0)}", f"{_num(total / 60, 1)}", _load(run), _commit(run)])
     return rows
 
 
 MB_HEADER = ["run", "data / file / seed", "Rel", "Gen", "Loc", "Avg", "gen_prob", "loc_prob (unedited)",
-             "gate open: Gen / Loc %", "inject acc", "Stage I / bridge / eval s", "commit"]
+             "gate open: Gen / Loc %", "inject acc", "Stage I / bridge / eval s", "min", "load", "commit"]
+
+
+def _load(run: dict) -> str:
+    """How the run shared the machine: `threads=1` runs were measured two at a time."""
+    return "2 runs × 1 thread" if "threads=1" in (run.get("command") or "").split() else "alone"
 
 
 def crossmodel_rows(runs: list[dict]) -> list[list[str]]:
@@ -125,7 +130,8 @@ def render_doc(runs: list[dict]) -> str:
              "row names the code commit that produced it, and the commands are listed at the end. Scores are",
              "EasyEdit's teacher-forced token accuracy in % on held-out prompts ([evaluation](evaluation.md));",
              "the LLM is SmolLM2-135M and the memory encoder all-MiniLM-L6-v2 unless a table says otherwise.",
-             "Times are wall-clock seconds on a 2-core CPU.", "",
+             "Times are wall-clock seconds on a 2-core CPU; `min` is the whole run (the sum of the stages",
+             "where the run predates `run_seconds`); runs with `threads=1` shared the machine with another.", "",
              "## MindBridge, memory gate on (the default)", ""]
     lines += _table(MB_HEADER, mindbridge_rows(runs, gate=True))
     off = mindbridge_rows(runs, gate=False)
