@@ -46,7 +46,8 @@ def _data(m: dict) -> str:
 
 
 def _commit(run: dict) -> str:
-    return f"`{run['code_commit'][:7]}`"
+    """The commit; `+` where the run's tree differed from it (the note is under Commands)."""
+    return f"`{run['code_commit'][:7]}{'+' if run.get('dirty_note') else ''}`"
 
 
 def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
@@ -121,6 +122,7 @@ def comparison_rows(runs: list[dict]) -> list[list[str]]:
 
 def commands(runs: list[dict]) -> list[str]:
     return [f"- `{r['name']}` (`{r['code_commit'][:10]}`): `{r.get('command') or '(in-process)'}`"
+            + (f"; the tree differed from the commit: {r['dirty_note']}" if r.get("dirty_note") else "")
             for r in sorted(runs, key=lambda r: r["name"])]
 
 

@@ -610,7 +610,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def provenance() -> dict[str, Any]:
     """What produced a run's figures: the command (under `train.py`) and the code's git commit,
-    with whether the working tree had uncommitted changes (None where there is no git checkout)."""
+    with the tracked files that differed from it. `code_dirty` counts code only: documentation
+    (`*.md`, `docs/`) and recorded results (`benchmarks/results/`) do not change a figure."""
     import subprocess
     info: dict[str, Any] = {}
     try:
@@ -621,14 +622,21 @@ def provenance() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
+            changed = sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
             info["code_commit"] = commit.stdout.strip()
-            info["code_dirty"] = bool(dirty.stdout.strip())
+            info["uncommitted_files"] = changed
+            info["code_dirty"] = any(not is_documentation(path) for path in changed)
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def is_documentation(path: str) -> bool:
+    """A tracked file that no run reads: Markdown, docs/ and recorded results."""
+    return path.endswith(".md") or path.startswith(("docs/", "benchmarks/results/"))
 
 
 def log_final_metrics(cfg: DictConfig, metrics: dict[str, Any]) -> None:

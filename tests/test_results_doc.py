@@ -80,3 +80,22 @@ def test_the_doc_shows_every_run_and_groups_methods_on_the_same_edits(tmp_path):
 def test_docs_results_and_the_readme_table_are_what_the_recorded_runs_generate():
     """Regenerating from benchmarks/results/runs/ reproduces the committed files exactly."""
     assert results_doc.main(["--check"]) == 0
+
+
+def test_a_run_whose_tree_differed_is_published_only_with_a_note_saying_how(tmp_path):
+    out = tmp_path / "runs"
+    rec = json.loads(record_run.record(_run_dir(tmp_path, code_dirty=True), "x", out,
+                                       dirty_note="README.md differed").read_text())
+    doc = results_doc.render_doc(results_doc.load_runs(out))
+    assert rec["dirty_note"] == "README.md differed" and f"`{COMMIT[:7]}+`" in doc and "README.md differed" in doc
+
+
+def test_provenance_names_the_commit_and_counts_only_code_as_dirty():
+    from lit_modules.stages import is_documentation, provenance
+    assert is_documentation("README.md") and is_documentation("docs/results.md")
+    assert is_documentation("benchmarks/results/runs/a.json")
+    assert not is_documentation("lit_modules/stages.py") and not is_documentation("configs/model/mindbridge.yaml")
+    info = provenance()
+    if (ROOT / ".git").exists():
+        assert len(info["code_commit"]) == 40
+        assert info["code_dirty"] == any(not is_documentation(p) for p in info["uncommitted_files"])
