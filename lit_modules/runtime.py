@@ -147,7 +147,7 @@ def provenance() -> dict[str, Any]:
         if commit.returncode == 0:
             changed = sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
             info["code_commit"] = commit.stdout.strip()
-            info["uncommitted_files"] = changed
+            info["uncommitted_files"] = ", ".join(changed)
             info["code_dirty"] = any(not is_documentation(path) for path in changed)
     except (OSError, subprocess.SubprocessError):
         pass

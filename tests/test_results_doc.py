@@ -98,4 +98,5 @@ def test_provenance_names_the_commit_and_counts_only_code_as_dirty():
     info = provenance()
     if (ROOT / ".git").exists():
         assert len(info["code_commit"]) == 40
-        assert info["code_dirty"] == any(not is_documentation(p) for p in info["uncommitted_files"])
+        changed = [p for p in info["uncommitted_files"].split(", ") if p]
+        assert info["code_dirty"] == any(not is_documentation(p) for p in changed)
