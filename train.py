@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the configured stage in-process (tests call this with a composed config)."""
-    from lit_modules.stages import run
+    from lit_modules.registry import run
     return run(cfg, Path(run_dir))
 
 

@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/loc_ceiling.json"))
     args = ap.parse_args()
 
-    from lit_modules.stages import RunContext
+    from lit_modules.runtime import RunContext
     from mindbridge.bridge import MemoryAugmentedLM
     from mindbridge.evaluation import scoring_items, token_predictions
     from mindbridge.lm import PlainLM, causal_logits

@@ -95,7 +95,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from data.datamodule import EditDataModule
-    from lit_modules.neuraldb import MODEL_CONFIG, facts_for, resolve_layer
+    from lit_modules.editing import facts_for, resolve_layer
+    from lit_modules.neuraldb import MODEL_CONFIG
     from mindbridge.neuraldb import EditHParams, NeuralDB
     from mindbridge.tokenization import prompt_batch
 

@@ -64,7 +64,8 @@ def mean_step_seconds(module, optimizer, dm, steps: int, warmup: int = 1) -> flo
 def measure(cfg, n: int, steps: int, llm, tok) -> dict:
     from lit_modules.bridge import MemoryBridgeModule
     from lit_modules.pretrain import MemoryPretrainModule
-    from lit_modules.stages import RunContext, _projector_for
+    from lit_modules.runtime import RunContext
+    from lit_modules.stages import _projector_for
     from mindbridge.encoder import MemoryEncoder
     from mindbridge.loading import load_masked_lm
 
@@ -137,7 +138,7 @@ def main() -> None:
                     help="extra Hydra overrides, e.g. data.max_out_of_scope=1000")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from lit_modules.stages import RunContext
+    from lit_modules.runtime import RunContext
     base = compose([f"experiment={args.experiment}", *args.set])
     llm, tok = RunContext(base, ROOT).load_llm()
     rows = []

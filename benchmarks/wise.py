@@ -55,7 +55,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from data.datamodule import EditDataModule
-    from lit_modules.neuraldb import facts_for, resolve_layer
+    from lit_modules.editing import facts_for, resolve_layer
     from lit_modules.wise import MODEL_CONFIG, irrelevant_texts
     from mindbridge.lm import causal_logits
     from mindbridge.tokenization import prompt_batch, teacher_forced_batch

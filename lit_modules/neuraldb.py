@@ -6,53 +6,24 @@ and records what was measured.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 import warnings
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
+from lit_modules.editing import editing_trainer, method_config, facts_for, resolve_layer
+from lit_modules.runtime import progress_bar
 from mindbridge.artifacts import ArtifactError
 from mindbridge.evaluation import evaluate_edits
-from mindbridge.neuraldb import EditHParams, Fact, NeuralDB, decoder_layers
+from mindbridge.facts import Fact
+from mindbridge.neuraldb import EditHParams, NeuralDB
 
 MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "neuraldb.yaml"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def neuraldb_config(cfg: DictConfig) -> DictConfig:
-    """NeuralDB's hyperparameters: `cfg.model` under `model=neuraldb`, else configs/model/neuraldb.yaml.
-
-    Hydra cannot override the `model` group from inside a stage file (stage comes first in the
-    defaults list), so `stage=neuraldb` alone would otherwise run with MindBridge's model config.
-    """
-    if cfg.model.get("name") == "neuraldb":
-        return cfg.model
-    return OmegaConf.load(MODEL_CONFIG)
-
-
-def resolve_layer(hp: DictConfig, llm_name: str, llm) -> int:
-    """`layer`, else the per-LLM table, else floor(layer_fraction · L), never the last layer."""
-    if hp.get("layer") is not None:
-        return int(hp.layer)
-    table = hp.get("layers") or {}
-    if llm_name in table:
-        return int(table[llm_name])
-    n = len(decoder_layers(llm)[1])
-    return max(0, min(int(hp.layer_fraction * n), n - 2))
-
-
-def facts_for(records) -> list[Fact]:
-    """One fact per edit record, id = case_id (made unique if a file repeats one)."""
-    facts = [Fact.from_record(r) for r in records]
-    if len({f.id for f in facts}) < len(facts):
-        facts = [Fact(f"{f.id}#{i}", f.subject, f.prompt, f.target) for i, f in enumerate(facts)]
-    return facts
 
 
 class NeuralDBModule(L.LightningModule):
@@ -90,29 +61,14 @@ def rewordings_for(dm, facts: list[Fact], hp: EditHParams) -> dict[str, list[str
             for f in facts}
 
 
-def _trainer(ctx, hp_batches: int, stage: str = "neuraldb") -> L.Trainer:
-    """The run's Trainer without checkpoints (the method saves its own artifact) or gradient clipping."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lit_modules.stages import RunContext, make_trainer
-    cfg = copy.deepcopy(ctx.cfg)
-    with open_dict(cfg):
-        cfg.trainer.gradient_clip_val = None
-        for name, cb in list((cfg.get("callbacks") or {}).items()):
-            if cb is not None and issubclass(hydra.utils.get_class(cb._target_), ModelCheckpoint):
-                cfg.callbacks[name] = None
-        cfg.trainer.log_every_n_steps = max(1, min(int(cfg.trainer.get("log_every_n_steps") or 1), hp_batches))
-    return make_trainer(RunContext(cfg, ctx.run_dir), stage, 1)
-
-
 def neuraldb(ctx) -> None:
     """Build the database of `data`'s edits in `llm`, calibrate γ, save it, evaluate it.
 
     Writes `<run dir>/neuraldb/` (database.safetensors, facts.jsonl, manifest.json) and adds
     γ, its calibration, gate fire rates and edit throughput to the metrics.
     """
-    from lit_modules.stages import progress_bar
     cfg = ctx.cfg
-    hp = neuraldb_config(cfg)
+    hp = method_config(cfg, "neuraldb")
     llm, tok = ctx.load_llm()
     dm = ctx.data()
     ctx.metrics.update({"method": "neuraldb", "encoder": "none"})
@@ -139,7 +95,7 @@ def neuraldb(ctx) -> None:
             batches = -(-len(facts) // edit_hp.batch_size)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
-                _trainer(ctx, batches).fit(NeuralDBModule(db, facts, rewordings), datamodule=dm)
+                editing_trainer(ctx, "neuraldb", 1, batches).fit(NeuralDBModule(db, facts, rewordings), datamodule=dm)
             edit_seconds = time.perf_counter() - start
         layer = db.layer
 

@@ -7,7 +7,6 @@ training step = one batch of edits) and what was measured is recorded.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 import warnings
@@ -16,21 +15,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from lit_modules.editing import editing_trainer, method_config
+from lit_modules.runtime import progress_bar
 from mindbridge.evaluation import evaluate_edits
 from mindbridge.unike import (ABLATIONS, DisentanglingEncoders, KnowledgePool, Request, UniKE, UniKEHParams,
                               mean_metrics, pool_triples)
 
 MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "unike.yaml"
-
-
-def unike_config(cfg: DictConfig) -> DictConfig:
-    """`cfg.model` under `model=unike`, else configs/model/unike.yaml (as for NeuralDB)."""
-    if cfg.model.get("name") == "unike":
-        return cfg.model
-    return OmegaConf.load(MODEL_CONFIG)
 
 
 def hparams_from(hp: DictConfig) -> UniKEHParams:
@@ -101,17 +95,7 @@ class UniKEEditorModule(L.LightningModule):
         return None
 
 
-def _trainer(ctx, stage: str, epochs: int, steps: int) -> L.Trainer:
-    """The run's Trainer without checkpoints (nothing here resumes) or gradient clipping."""
-    from lit_modules.stages import RunContext, make_trainer
-    cfg = copy.deepcopy(ctx.cfg)
-    with open_dict(cfg):
-        cfg.trainer.gradient_clip_val = None
-        for name in ("checkpoint", "step_checkpoint"):
-            if cfg.get("callbacks") and name in cfg.callbacks:
-                cfg.callbacks[name] = None
-        cfg.trainer.log_every_n_steps = max(1, min(int(cfg.trainer.get("log_every_n_steps") or 1), steps))
-    return make_trainer(RunContext(cfg, ctx.run_dir), stage, epochs)
+
 
 
 def train_encoders(ctx, editor: UniKE, pool: KnowledgePool, hp: DictConfig) -> dict:
@@ -124,7 +108,7 @@ def train_encoders(ctx, editor: UniKE, pool: KnowledgePool, hp: DictConfig) -> d
     start = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(ctx.cfg.seed)
-        trainer = _trainer(ctx, "unike-encoders", int(enc_cfg.epochs), len(loader))
+        trainer = editing_trainer(ctx, "unike-encoders", int(enc_cfg.epochs), len(loader))
         trainer.fit(module, train_dataloaders=loader)
     with torch.no_grad():
         final = {k: float(v) for k, v in encoders.loss(sem, pos, neg).items()}
@@ -220,7 +204,7 @@ def edit_all(ctx, editor: UniKE, requests: list[Request], sequential: bool, batc
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
-        _trainer(ctx, "unike", 1, steps).fit(module, datamodule=dm)
+        editing_trainer(ctx, "unike", 1, steps).fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     reps = module.reports
     n = sum(r["n"] for r in reps) or 1
@@ -267,7 +251,7 @@ def diagnostics(editor: UniKE, records, edit_id: dict[int, int], limit: int = 50
 def _text_setup(ctx):
     cfg = ctx.cfg
     _text_llm_only(cfg)
-    hp = unike_config(cfg)
+    hp = method_config(cfg, "unike")
     llm, tok = ctx.load_llm()
     dm = ctx.data()
     out = [o for o in dm.out_of_scope]
@@ -291,7 +275,6 @@ def rewordings_for(dm, hp: DictConfig) -> list[list[str]]:
 
 
 def _run_mode(ctx, editor: UniKE, hp: DictConfig, dm, requests) -> dict:
-    from lit_modules.stages import progress_bar
     sequential = bool(hp.sequential)
     editor.clear_edits()
     L.seed_everything(ctx.cfg.seed, workers=True, verbose=False)
@@ -396,7 +379,7 @@ def unike_mm(ctx) -> None:
     if c.get("kind", "text") != "vision_language":
         raise ValueError(f"stage=unike_mm needs a vision-language model (llm=tiny_blip2 or llm=blip2_opt), "
                          f"not llm={c.name}.")
-    hp = unike_config(cfg)
+    hp = method_config(cfg, "unike")
     records = read_mmedit(mm.path, mm.task)
     edits, rest = split_mmedit(records, int(mm.num_edits), int(mm.seed))
     vlm, tok = load_vision_lm(c.source, hub_id=c.hub_id, path=c.path, dtype=c.dtype, seed=cfg.seed,
@@ -420,7 +403,7 @@ def unike_mm(ctx) -> None:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
-            _trainer(ctx, "unike-mm", 1, len(loader)).fit(module, train_dataloaders=loader)
+            editing_trainer(ctx, "unike-mm", 1, len(loader)).fit(module, train_dataloaders=loader)
         edit_seconds = time.perf_counter() - start
         start = time.perf_counter()
         m = score_mm(editor, features, edits, module.edit_id, sequential, int(hp.eval.batch_size))

@@ -16,23 +16,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from lit_modules.neuraldb import _trainer, facts_for, resolve_layer
+from lit_modules.editing import editing_trainer, method_config, facts_for, resolve_layer
+from lit_modules.runtime import progress_bar
 from mindbridge.evaluation import evaluate_edits
-from mindbridge.neuraldb import Fact
+from mindbridge.facts import Fact
 from mindbridge.wise import WISE, WISEHParams
 
 MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "wise.yaml"
 log = logging.getLogger(__name__)
-
-
-def wise_config(cfg: DictConfig) -> DictConfig:
-    """WISE's hyperparameters: `cfg.model` under `model=wise`, else configs/model/wise.yaml
-    (Hydra cannot override the `model` group from inside a stage file)."""
-    if cfg.model.get("name") == "wise":
-        return cfg.model
-    return OmegaConf.load(MODEL_CONFIG)
 
 
 def irrelevant_texts(out: dict, with_answers: bool = True) -> list[str]:
@@ -80,9 +73,8 @@ def wise(ctx) -> None:
     Writes `<run dir>/wise/` (wise.safetensors, manifest.json, edits.jsonl) and adds the routing
     rates, thresholds, per-edit optimisation statistics and throughput to the metrics.
     """
-    from lit_modules.stages import progress_bar
     cfg = ctx.cfg
-    hp_cfg = wise_config(cfg)
+    hp_cfg = method_config(cfg, "wise")
     hp = WISEHParams.from_dict(OmegaConf.to_container(hp_cfg, resolve=True))
     llm, tok = ctx.load_llm()
     dm = ctx.data()
@@ -107,7 +99,7 @@ def wise(ctx) -> None:
         batches = -(-len(facts) // hp.batch_size)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*configure_optimizers.*returned `None`.*")
-            _trainer(ctx, batches, "wise").fit(WISEModule(editor, facts), datamodule=dm)
+            editing_trainer(ctx, "wise", 1, batches).fit(WISEModule(editor, facts), datamodule=dm)
         editor.finish()
         edit_seconds = time.perf_counter() - start
 

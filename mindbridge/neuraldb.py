@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import re
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,125 +41,13 @@ from mindbridge.artifacts import ArtifactError, open_llm_artifact, read_or_refus
 from mindbridge.atomic import write_dir_atomically
 from mindbridge.lm import SwitchedOffLM, causal_logits, lm_head_only_at
 from mindbridge.loading import model_identity, tensors_fingerprint
+from mindbridge.facts import Fact, context_templates, facts_hash, generate_prefixes, subject_last_token
+from mindbridge.ffn import StopForward, decoder_layers, hidden_size, key_dim, locate_ffn, out_dim
 from mindbridge.tokenization import _left_pad, encode_target, position_ids_for, prompt_batch
 
 FORMAT_VERSION = 1
 PAPER_GAMMA = 0.65                  # [P Table 3]; used only when there is nothing to calibrate on
-PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
 TENSORS_FILE = "database.safetensors"
-
-# Where decoder layers, FFN blocks and FFN output projections live, by attribute name. One
-# lookup serves every family; nothing branches on `model_type`.
-LAYER_LISTS = ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
-               "transformer.blocks", "model.language_model.layers", "language_model.model.layers")
-FFN_BLOCKS = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
-OUT_PROJECTIONS = ("down_proj", "c_proj", "fc_out", "fc2", "dense_4h_to_h", "w2", "wo")
-EXPERT_LISTS = ("experts",)
-
-
-# --------------------------------------------------------------------------- locating the FFN
-
-
-def _attr_path(root: nn.Module, dotted: str) -> Any:
-    obj: Any = root
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of decoder blocks and its attribute path."""
-    for path in LAYER_LISTS:
-        layers = _attr_path(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers):
-            return path, layers
-    raise ValueError(f"NeuralDB cannot find the decoder layers of {type(model).__name__} "
-                     f"(looked for {', '.join(LAYER_LISTS)}).")
-
-
-@dataclass
-class FFNSite:
-    """The module NeuralDB wraps in one layer: `parent.<attr>`.
-
-    kind "out_proj": the FFN's output projection; its input is the FFN's intermediate
-    activation k (spec §2). kind "moe_block": a mixture-of-experts block whose experts are fused
-    tensors with no single output projection; the block's input is the key and the block's
-    output (what is added to the residual stream) receives r.
-    """
-
-    layer: int
-    path: str
-    parent: nn.Module
-    attr: str
-    kind: str
-
-    @property
-    def module(self) -> nn.Module:
-        return getattr(self.parent, self.attr)
-
-
-def _out_dim(module: nn.Module) -> int | None:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if getattr(module, "nf", None) is not None:         # transformers Conv1D: weight is (in, out)
-        return int(module.nf)
-    weight = getattr(module, "weight", None)
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
-
-
-def _in_dim(module: nn.Module) -> int | None:
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    weight = getattr(module, "weight", None)
-    if getattr(module, "nf", None) is not None and isinstance(weight, torch.Tensor):
-        return int(weight.shape[0])
-    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
-
-
-def hidden_size(model: PreTrainedModel) -> int:
-    return int(model.get_input_embeddings().weight.shape[1])
-
-
-def locate_ffn(model: PreTrainedModel, layer: int) -> FFNSite:
-    """The FFN output module of decoder layer `layer` (the one resolver for every family)."""
-    path, layers = decoder_layers(model)
-    if not -len(layers) <= layer < len(layers):
-        raise ValueError(f"layer {layer} is out of range: {type(model).__name__} has {len(layers)} layers.")
-    layer = layer % len(layers)
-    block = layers[layer]
-    d = hidden_size(model)
-    for name in FFN_BLOCKS:
-        ffn = getattr(block, name, None)
-        if ffn is None:
-            continue
-        core = ffn.inner if isinstance(ffn, GatedFFNOut) else ffn
-        if any(isinstance(getattr(core, e, None), nn.Module) for e in EXPERT_LISTS):
-            return FFNSite(layer, f"{path}.{layer}.{name}", block, name, "moe_block")
-        for proj in OUT_PROJECTIONS:
-            module = getattr(core, proj, None)
-            module = module.inner if isinstance(module, GatedFFNOut) else module
-            if isinstance(module, nn.Module) and _out_dim(module) == d:
-                return FFNSite(layer, f"{path}.{layer}.{name}.{proj}", core, proj, "out_proj")
-    raise ValueError(f"NeuralDB cannot find the FFN output projection of layer {layer} in {type(block).__name__} "
-                     f"(looked for {', '.join(FFN_BLOCKS)} holding {', '.join(OUT_PROJECTIONS)} or experts).")
-
-
-def key_dim(site: FFNSite, model: PreTrainedModel) -> int:
-    """Width of the keys at this site: the FFN intermediate size, or the hidden size for MoE."""
-    inner = site.module
-    inner = inner.inner if isinstance(inner, GatedFFNOut) else inner
-    if site.kind == "moe_block":
-        return hidden_size(model)
-    dim = _in_dim(inner)
-    if dim is None:
-        raise ValueError(f"cannot read the input width of {site.path} ({type(inner).__name__}).")
-    return dim
-
-
-# --------------------------------------------------------------------------- the gate
-
 
 def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
@@ -260,82 +146,6 @@ class GatedFFNOut(nn.Module):
         else:
             return out
         return (value, *out[1:]) if isinstance(out, tuple) else value
-
-
-class StopForward(Exception):
-    """Raised by a probe once it has what it needs: layers above l* are not run."""
-
-
-# --------------------------------------------------------------------------- facts
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One edit: `prompt` contains `subject`; the model should answer `target`."""
-
-    id: str
-    subject: str
-    prompt: str
-    target: str
-
-    @classmethod
-    def from_record(cls, record: Any) -> "Fact":
-        """From an `EditRecord` (or anything with subject / prompt / target_new / case_id)."""
-        return cls(str(record.case_id), record.subject, record.prompt, record.target_new)
-
-
-def facts_hash(facts: Sequence[Fact]) -> str:
-    h = hashlib.sha256()
-    for f in facts:
-        h.update((json.dumps(dataclasses.asdict(f), sort_keys=True, ensure_ascii=False) + "\n").encode())
-    return h.hexdigest()
-
-
-def subject_last_token(tokenizer: PreTrainedTokenizerBase, text: str, subject: str,
-                       start: int = 0) -> tuple[list[int], int, bool]:
-    """Token ids of `text` (with special tokens), the index of the subject's last token, found?
-
-    The subject is searched case-insensitively from character `start` (after a template's
-    prefix); its last token is the last one whose character span overlaps the subject's. If the
-    subject is not in the text, the last token stands in (and `found` is False).
-    """
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    match = re.search(re.escape(subject.strip()), text[start:], re.IGNORECASE) if subject.strip() else None
-    if match is None:
-        return ids, len(ids) - 1, False
-    lo, hi = start + match.start(), start + match.end()
-    hits = [i for i, (a, b) in enumerate(offsets) if a < hi and b > lo]
-    if not hits:
-        return ids, len(ids) - 1, False
-    return ids, max(hits), True
-
-
-@torch.no_grad()
-def generate_prefixes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, count: int = 5,
-                      max_tokens: int = 10, seeds: Sequence[str] = PREFIX_SEEDS) -> list[str]:
-    """`count` short texts the model writes after the seed words (greedy, ≤ `max_tokens` tokens).
-
-    MEMIT's context templates: averaging keys over a few contexts makes them less specific to
-    the exact edit prompt.
-    """
-    if count <= 0:
-        return []
-    if count > len(seeds):
-        raise ValueError(f"num_prefixes={count}, but there are only {len(seeds)} seed words ({', '.join(seeds)}).")
-    ids, mask = prompt_batch(tokenizer, list(seeds[:count]))
-    new = max(1, max_tokens - ids.shape[1])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    prefixes = []
-    for seed, row in zip(seeds[:count], out[:, ids.shape[1]:]):
-        text = seed + tokenizer.decode(row, skip_special_tokens=True)
-        prefixes.append(" ".join(text.replace("{", " ").replace("}", " ").split()))
-    return prefixes
-
-
-def context_templates(prefixes: Sequence[str]) -> list[str]:
-    return ["{}"] + [f"{p}. {{}}" for p in prefixes]
 
 
 # --------------------------------------------------------------------------- residual optimisation
@@ -691,8 +501,8 @@ class NeuralDB:
         # Identity of the unedited LLM (before the wrapper renames its weights).
         self.llm_identity = llm_identity or model_identity(model, llm_name or type(model).__name__)
         inner = self.site.module
-        out_dim = hidden_size(model) if self.site.kind == "moe_block" else _out_dim(inner)
-        self.gate = GatedFFNOut(inner, key_dim(self.site, model), out_dim,
+        width = hidden_size(model) if self.site.kind == "moe_block" else out_dim(inner)
+        self.gate = GatedFFNOut(inner, key_dim(self.site, model), width,
                                 PAPER_GAMMA if gamma is None else gamma, key_dtype, chunk_size)
         setattr(self.site.parent, self.site.attr, self.gate)
         self.block = decoder_layers(model)[1][self.site.layer]

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mindbridge.lm import causal_logits, first_token_index, insert_tokens, lm_head_only_at
-from mindbridge.neuraldb import decoder_layers
+from mindbridge.ffn import decoder_layers
 from mindbridge.tokenization import encode_target, prompt_batch, teacher_forced_batch
 from mindbridge.unike_modules import POOL_OWNER, UniKELayer, UniKEState, attach_layer, detach_layer, pad_tokens
 

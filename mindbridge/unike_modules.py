@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mindbridge.neuraldb import FFN_BLOCKS, OUT_PROJECTIONS, decoder_layers
+from mindbridge.ffn import FFN_BLOCKS, OUT_PROJECTIONS, decoder_layers
 
 ATTENTION_BLOCKS = ("self_attn", "attn", "attention")
 FFN_IN_PROJECTIONS = ("gate_proj", "c_fc", "fc_in", "fc1", "w1", "dense_h_to_4h")

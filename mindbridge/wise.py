@@ -46,8 +46,8 @@ from mindbridge.artifacts import ArtifactError, open_llm_artifact, read_or_refus
 from mindbridge.atomic import write_dir_atomically
 from mindbridge.lm import SwitchedOffLM, causal_logits, lm_head_only_at
 from mindbridge.loading import model_identity, tensors_fingerprint
-from mindbridge.neuraldb import (OUT_PROJECTIONS, Fact, FFNSite, StopForward, decoder_layers, generate_prefixes,
-                                 locate_ffn)
+from mindbridge.facts import Fact, generate_prefixes
+from mindbridge.ffn import OUT_PROJECTIONS, FFNSite, StopForward, decoder_layers, locate_ffn
 from mindbridge.tokenization import _left_pad, encode_target, position_ids_for, prompt_batch
 
 FORMAT_VERSION = 1

@@ -217,7 +217,8 @@ def test_a_tampered_artifact_through_the_cli_is_one_sentence(memory, tmp_path):
 
 
 def test_neuraldb_truncated_or_tampered_is_refused(tmp_path):
-    from mindbridge.neuraldb import EditHParams, Fact, NeuralDB
+    from mindbridge.facts import Fact
+    from mindbridge.neuraldb import EditHParams, NeuralDB
     from tests.test_neuraldb import _model
     model, tok = _model("tiny_llama")
     db = NeuralDB(model, tok, 0, llm_name="tiny_llama", hparams=EditHParams(steps=2, num_prefixes=1, batch_size=2))

@@ -15,9 +15,10 @@ from torch import nn
 from mindbridge.artifacts import ArtifactError
 from mindbridge.lm import causal_logits
 from mindbridge.loading import load_causal_lm
-from mindbridge.neuraldb import (PAPER_GAMMA, EditHParams, Fact, GatedFFNOut, NeuralDB, _PrefixKV, _Row,
-                                 best_match, calibrate_gamma, fact_keys, locate_ffn, normalize_rows, row_logits,
-                                 subject_last_token)
+from mindbridge.facts import Fact, subject_last_token
+from mindbridge.ffn import locate_ffn
+from mindbridge.neuraldb import (PAPER_GAMMA, EditHParams, GatedFFNOut, NeuralDB, _PrefixKV, _Row, best_match,
+                                 calibrate_gamma, fact_keys, normalize_rows, row_logits)
 from mindbridge.tokenization import _left_pad, encode_target, prompt_batch, teacher_forced_batch
 from tests.conftest import CONFIG_DIR
 
@@ -431,16 +432,16 @@ def test_calibrate_sets_gamma_between_edits_and_unrelated_prompts():
 # --------------------------------------------------------------------------- the stage
 
 
-def test_stage_alone_reads_the_neuraldb_model_config(tiny_cfg):
-    from lit_modules.neuraldb import neuraldb_config, resolve_layer
+def test_stage_alone_selects_the_neuraldb_model_config(tiny_cfg):
+    from lit_modules.editing import method_config, resolve_layer
     cfg = tiny_cfg("stage=neuraldb")
-    assert list(cfg.stage.jobs) == ["neuraldb"] and cfg.model.name == "mindbridge"
-    hp = neuraldb_config(cfg)
+    assert list(cfg.stage.jobs) == ["neuraldb"] and cfg.model.name == "neuraldb"
+    hp = method_config(cfg, "neuraldb")
     assert hp.name == "neuraldb" and hp.gamma is None and hp.layers.smollm2 == 5
     model, _ = _model("tiny_llama")
     assert resolve_layer(hp, "smollm2", model) == 5 and resolve_layer(hp, "tiny_llama", model) == 0
-    cfg = tiny_cfg("stage=neuraldb", "model=neuraldb", "model.layer=1")
-    assert resolve_layer(neuraldb_config(cfg), "smollm2", model) == 1
+    cfg = tiny_cfg("stage=neuraldb", "model.layer=1")
+    assert resolve_layer(method_config(cfg, "neuraldb"), "smollm2", model) == 1
 
 
 def test_stage_neuraldb_end_to_end(tiny_cfg, tmp_path):

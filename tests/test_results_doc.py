@@ -91,11 +91,12 @@ def test_a_run_whose_tree_differed_is_published_only_with_a_note_saying_how(tmp_
 
 
 def test_provenance_names_the_commit_and_counts_only_code_as_dirty():
-    from lit_modules.stages import is_documentation, provenance
+    from lit_modules.runtime import is_documentation, provenance
     assert is_documentation("README.md") and is_documentation("docs/results.md")
     assert is_documentation("benchmarks/results/runs/a.json")
     assert not is_documentation("lit_modules/stages.py") and not is_documentation("configs/model/mindbridge.yaml")
     info = provenance()
     if (ROOT / ".git").exists():
         assert len(info["code_commit"]) == 40
-        assert info["code_dirty"] == any(not is_documentation(p) for p in info["uncommitted_files"])
+        changed = [p for p in info["uncommitted_files"].split(", ") if p]
+        assert info["code_dirty"] == any(not is_documentation(p) for p in changed)

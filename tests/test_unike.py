@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from data.mmedit import read_mmedit
 from data.records import DataFileNotFoundError, EditRecord
-from lit_modules.stages import run
+from lit_modules.registry import run
 from mindbridge.evaluation import evaluate_edits
 from mindbridge.lm import causal_logits
 from mindbridge.loading import ModelUnavailableError, load_causal_lm

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from mindbridge.artifacts import ArtifactError
 from mindbridge.lm import causal_logits
 from mindbridge.loading import load_causal_lm
-from mindbridge.neuraldb import Fact
+from mindbridge.facts import Fact
 from mindbridge.tokenization import prompt_batch, teacher_forced_batch
 from mindbridge.wise import (WISE, BlockRunner, Memory, WISEHParams, WISELayer, length_buckets, prompt_tokens,
                              random_mask, reduce_gaps, ties_merge, trim_magnitude, without_first_token)
@@ -544,12 +544,11 @@ def test_bad_hyperparameters_are_one_sentence():
 # --------------------------------------------------------------------------- the stage
 
 
-def test_stage_alone_reads_the_wise_model_config(tiny_cfg):
-    from lit_modules.neuraldb import resolve_layer
-    from lit_modules.wise import wise_config
+def test_stage_alone_selects_the_wise_model_config(tiny_cfg):
+    from lit_modules.editing import method_config, resolve_layer
     cfg = tiny_cfg("stage=wise")
-    assert list(cfg.stage.jobs) == ["wise"] and cfg.model.name == "mindbridge"
-    hp = wise_config(cfg)
+    assert list(cfg.stage.jobs) == ["wise"] and cfg.model.name == "wise"
+    hp = method_config(cfg, "wise")
     assert hp.name == "wise" and hp.variant == "retrieve" and hp.layers.smollm2 == 23
     assert (hp.batch_size, hp.save_freq) == (16, 16)           # one memory per batch of edits
     assert hp.irrelevant_answers is False                       # L_a reads what the router reads
@@ -565,12 +564,19 @@ def test_irrelevant_texts_with_or_without_the_answer():
 
 
 def test_the_paper_preset_restores_the_papers_settings(tiny_cfg):
-    from lit_modules.wise import wise_config
-    hp = WISEHParams.from_dict(OmegaConf.to_container(wise_config(tiny_cfg("stage=wise", "model=wise_paper"))))
+    from lit_modules.editing import method_config as config
+    hp = WISEHParams.from_dict(OmegaConf.to_container(config(tiny_cfg("stage=wise", "model=wise_paper"), "wise")))
     assert (hp.variant, hp.optimizer, hp.lr, hp.n_iter, hp.batch_size) == ("merge", "sgd", 1.0, 70, 1)
     assert (hp.save_freq, hp.merge_freq, hp.irrelevant_per_edit, hp.train_gap_tokens) == (500, 1000, 1, "all")
     assert (hp.act_ratio, hp.retrieve_by, hp.irrelevant_answers) == (0.88, "gap", True)
-    assert hp.prefixes_per_length == 5 and wise_config(tiny_cfg("stage=wise", "model=wise_paper")).layers.smollm2 == 27
+    assert hp.prefixes_per_length == 5 and config(tiny_cfg("stage=wise", "model=wise_paper"), "wise").layers.smollm2 == 27
+
+
+def test_a_method_option_needs_no_model_group_and_another_methods_config_is_refused(tiny_cfg):
+    from lit_modules.editing import method_config
+    assert tiny_cfg("stage=wise", "model.n_iter=5").model.n_iter == 5
+    with pytest.raises(ValueError, match="stage=wise runs wise, but model=mindbridge"):
+        method_config(tiny_cfg("stage=wise", "model=mindbridge"), "wise")
 
 
 @pytest.mark.parametrize("variant", ["merge", "retrieve"])
