@@ -53,10 +53,13 @@ def collect(run_dir: Path, dirty_note: str | None = None) -> dict:
     return record
 
 
-def record(run_dir: Path, name: str, out: Path = DEFAULT_OUT, dirty_note: str | None = None) -> Path:
+def record(run_dir: Path, name: str, out: Path = DEFAULT_OUT, dirty_note: str | None = None,
+           about: str | None = None) -> Path:
     if not NAME.match(name):
         raise RecordError(f"{name!r} is not a usable result name (letters, digits, '_', '-', '.').")
     rec = collect(Path(run_dir), dirty_note)
+    if about:
+        rec["about"] = about
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{name}.json"
     tmp = target.with_suffix(".json.tmp")
@@ -71,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--dirty-note", help="how the run's tree differed from its commit (published with it)")
+    parser.add_argument("--about", help="what a reader needs to know to repeat the run (e.g. how its data file was made)")
     args = parser.parse_args(argv)
     try:
-        path = record(args.run_dir, args.name, args.out, args.dirty_note)
+        path = record(args.run_dir, args.name, args.out, args.dirty_note, args.about)
     except RecordError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -122,6 +122,7 @@ def comparison_rows(runs: list[dict]) -> list[list[str]]:
 
 def commands(runs: list[dict]) -> list[str]:
     return [f"- `{r['name']}` (`{r['code_commit'][:10]}`): `{r.get('command') or '(in-process)'}`"
+            + (f". {r['about']}" if r.get("about") else "")
             + (f"; the tree differed from the commit: {r['dirty_note']}" if r.get("dirty_note") else "")
             for r in sorted(runs, key=lambda r: r["name"])]
 
@@ -138,7 +139,9 @@ def render_doc(runs: list[dict]) -> str:
     lines += _table(MB_HEADER, mindbridge_rows(runs, gate=True))
     off = mindbridge_rows(runs, gate=False)
     if off:
-        lines += ["", "## MindBridge, memory gate off (`model.gate.enabled=false`, the paper's behaviour)", ""]
+        lines += ["", "## MindBridge, memory gate off (`model.gate.enabled=false`, the paper's behaviour)", "",
+                  "`stage=eval` of a gated run's memory and bridge with the gate switched off; Stage I and bridge",
+                  "times are that run's.", ""]
         lines += _table(MB_HEADER, off)
     cross = crossmodel_rows(runs)
     if cross:

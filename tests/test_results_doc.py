@@ -85,9 +85,10 @@ def test_docs_results_and_the_readme_table_are_what_the_recorded_runs_generate()
 def test_a_run_whose_tree_differed_is_published_only_with_a_note_saying_how(tmp_path):
     out = tmp_path / "runs"
     rec = json.loads(record_run.record(_run_dir(tmp_path, code_dirty=True), "x", out,
-                                       dirty_note="README.md differed").read_text())
+                                       dirty_note="README.md differed", about="records 1-9 of F").read_text())
     doc = results_doc.render_doc(results_doc.load_runs(out))
     assert rec["dirty_note"] == "README.md differed" and f"`{COMMIT[:7]}+`" in doc and "README.md differed" in doc
+    assert "records 1-9 of F" in doc
 
 
 def test_provenance_names_the_commit_and_counts_only_code_as_dirty():
