@@ -309,7 +309,8 @@ def _parse_json_list(path: Path, text: str) -> list[Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        problem = f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        # json's message may end in "at" ("Unterminated string starting at"): the position follows a colon.
+        problem = f"is not valid JSON ({exc.msg.rstrip(': ')}: line {exc.lineno}, column {exc.colno})"
         raise DataFormatError(path, None, None, problem) from exc
     if not isinstance(value, list):
         raise DataFormatError(path, None, None, f"must contain a JSON list of records (got {type(value).__name__})")
@@ -320,6 +321,8 @@ def load_raw_records(path: PathArg) -> list[Any]:
     """Load the raw JSON values of a ``.json`` list file or a ``.jsonl`` file; no record checks."""
     file = Path(path)
     text = _decode(file)
+    if not text.strip():
+        raise DataFormatError(file, None, None, "is empty")
     items = _parse_json_lines(file, text) if file.suffix.lower() == ".jsonl" else _parse_json_list(file, text)
     if not items:
         raise DataFormatError(file, None, None, "has no records")
@@ -380,7 +383,14 @@ def read_records(
         if drop_empty_targets and _has_empty_target(raw, fmt):
             empty_targets += 1
             continue
-        records.append(parse(_Fields(path, index, raw), name))
+        try:
+            records.append(parse(_Fields(path, index, raw), name))
+        except DataFormatError as err:
+            if not _has_empty_target(raw, fmt):
+                raise
+            # Public files have a few records with an empty target: name the switch that skips them.
+            raise DataFormatError(path, index, err.field,
+                                  f"{err.problem}; data.drop_empty_targets=true skips records with an empty target") from None
 
     if empty_targets:
         logger.warning("%s: skipped %d record(s) with an empty target.", path, empty_targets)

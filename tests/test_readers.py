@@ -326,6 +326,23 @@ def test_invalid_json(tmp_path: Path) -> None:
     assert "not valid JSON" in str(err)
 
 
+def test_invalid_json_says_where_in_plain_words(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('[{"src": "unterminated', encoding="utf-8")
+    err = str(read_error(path))
+    assert "at at" not in err and "starting at: line 1, column 10" in err
+
+
+@pytest.mark.parametrize("text", ["", "  \n\n"])
+def test_an_empty_file_is_named_empty(tmp_path: Path, text: str) -> None:
+    for name in ("empty.json", "empty.jsonl"):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        err = read_error(path)
+        assert_names(err, path, None, None)
+        assert str(err).endswith("is empty.") and "JSON" not in str(err)
+
+
 def test_non_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin.json"
     path.write_bytes(b'[{"src": "caf\xe9"}]')
@@ -347,7 +364,7 @@ def test_empty_file(tmp_path: Path, name: str) -> None:
     path.write_text("[]" if name.endswith(".json") else "\n", encoding="utf-8")
     err = read_error(path)
     assert_names(err, path, None, None)
-    assert "no records" in str(err)
+    assert ("no records" if name.endswith(".json") else "is empty") in str(err)
 
 
 def test_record_not_object(tmp_path: Path) -> None:
@@ -461,6 +478,15 @@ def test_no_warning_without_duplicates(tmp_path: Path, caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="data.readers"):
         read_records(write_json(tmp_path, [ZSRE]))
     assert not caplog.records
+
+
+def test_an_empty_target_names_the_switch_that_skips_it(tmp_path: Path) -> None:
+    path = write_json(tmp_path, [record("zsre_mend", src="Other?"), record("zsre_mend", alt="")])
+    err = read_error(path)
+    assert_names(err, path, 1, "alt")
+    assert "must be a non-empty string" in str(err) and "data.drop_empty_targets=true" in str(err)
+    # Another empty field does not mention it.
+    assert "drop_empty_targets" not in str(read_error(write_json(tmp_path, [record("zsre_mend", src="")], "src.json")))
 
 
 def test_drop_empty_targets(tmp_path: Path) -> None:
