@@ -72,3 +72,13 @@ def test_unknown_config_name_exits_non_zero(tmp_path):
 def test_bad_num_edits(override, tmp_path):
     proc = run_cli("debug=fast", override, tmp_path=tmp_path)
     assert_one_sentence_error(proc, "num_edits")
+
+
+def test_help_describes_every_stage():
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0
+    head = proc.stdout.split("== Configuration groups ==")[0]
+    for stage in sorted(p.stem for p in (ROOT / "configs" / "stage").glob("*.yaml")):
+        assert stage in head, stage
+    assert "\n\n== Configuration groups ==" in proc.stdout and "metrics.json" in proc.stdout
