@@ -63,7 +63,7 @@ def mean_step_seconds(module, optimizer, dm, steps: int, warmup: int = 1) -> flo
 
 def measure(cfg, n: int, steps: int, llm, tok) -> dict:
     from lit_modules.bridge import MemoryBridgeModule
-    from lit_modules.pretrain import MemoryPretrainModule
+    from lit_modules.pretrain import MemoryPretrainModule, module_hparams
     from lit_modules.runtime import RunContext
     from lit_modules.stages import _projector_for
     from mindbridge.encoder import MemoryEncoder
@@ -80,10 +80,8 @@ def measure(cfg, n: int, steps: int, llm, tok) -> dict:
 
     # Stage I: a few steps of the joint phase (all three losses: the most expensive phase).
     pcfg = cfg.model.pretrain
-    # The module's hyperparameters; the rest of model.pretrain configures the datamodule and the stage.
-    hp = {k: v for k, v in dict(pcfg).items()
-          if k not in ("batch_size", "out_batch_size", "joint_from_start", "prefix_datasets", "rewordings")}
-    pre = MemoryPretrainModule(encoder, joint_from_start=True, **hp)
+    hp = {**module_hparams(pcfg), "joint_from_start": True}
+    pre = MemoryPretrainModule(encoder, **hp)
     opt = torch.optim.AdamW([p for p in pre.parameters() if p.requires_grad], lr=pcfg.lr)
     dm.connect(None, batch_size=pcfg.batch_size, out_batch_size=pcfg.batch_size)
     row["pretrain_step_seconds"] = mean_step_seconds(pre, opt, dm, steps)

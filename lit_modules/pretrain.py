@@ -9,6 +9,14 @@ from lit_modules.common import TrainableOnlyCheckpoint, warmup_cosine
 from mindbridge.encoder import MemoryEncoder
 from mindbridge.pretraining import MemoryWriter, associate_batch, inject_batch
 
+# `model.pretrain` keys that configure the datamodule and the stage, not the module.
+STAGE_KEYS = ("batch_size", "out_batch_size", "prefix_datasets", "rewordings")
+
+
+def module_hparams(pretrain_cfg) -> dict:
+    """The `MemoryPretrainModule` arguments in a `model.pretrain` config."""
+    return {k: v for k, v in dict(pretrain_cfg).items() if k not in STAGE_KEYS}
+
 
 class MemoryPretrainModule(TrainableOnlyCheckpoint):
     """L_pre = λ1·L_inject + λ2·L_associate + λ3·L_exist with the official phase curriculum.

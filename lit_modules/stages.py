@@ -18,7 +18,7 @@ from data.datamodule import EditDataModule
 from data.readers import read_records
 from data.records import record_from_dict
 from lit_modules.bridge import MemoryBridgeModule
-from lit_modules.pretrain import MemoryPretrainModule
+from lit_modules.pretrain import MemoryPretrainModule, module_hparams
 from lit_modules.runtime import (RunContext, checkpoint_to_resume, is_rank_zero, make_trainer, progress_bar,
                                   write_metrics)
 from mindbridge.artifacts import (ArtifactError, bridge_dir, bridge_name, directory_digest, load_bridge,
@@ -48,8 +48,7 @@ def pretrain(ctx: RunContext) -> None:
     # Text that is not edited: the out-of-scope stream.
     head_acc = fit_mlm_head(encoder, [o.prompt for o in dm.out_of_scope], steps=ecfg.mlm_head_warmup_steps,
                             seed=cfg.seed)
-    hp = {k: v for k, v in OmegaConf.to_container(pcfg).items()
-          if k not in ("batch_size", "out_batch_size", "prefix_datasets", "rewordings")}
+    hp = module_hparams(OmegaConf.to_container(pcfg))
     # Prefix augmentation only for the datasets whose evaluation prompts open with other text.
     if dm.name not in set(pcfg.prefix_datasets or ()):
         hp["prefix_prob"] = 0.0

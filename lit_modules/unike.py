@@ -11,7 +11,6 @@ import json
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -23,9 +22,6 @@ from lit_modules.runtime import progress_bar
 from mindbridge.evaluation import evaluate_edits
 from mindbridge.unike import (ABLATIONS, DisentanglingEncoders, KnowledgePool, Request, UniKE, UniKEHParams,
                               mean_metrics, pool_triples)
-
-MODEL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "unike.yaml"
-
 
 def hparams_from(hp: DictConfig) -> UniKEHParams:
     return UniKEHParams.from_dict(OmegaConf.to_container(hp, resolve=True))
